@@ -1,0 +1,186 @@
+"""Model adapters: what differs between LVLM families, behind one small interface.
+
+An adapter knows a family's prompt, its box format, where the visual tokens sit in the sequence and
+how they lay out spatially. Sampling, capture and scoring are family-neutral and only talk to this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..boxes import RawBox, clamp_box, find_box, token_char_ends, tokens_for_spans
+
+PROMPT = "Detect the {category} in the image."
+
+
+@dataclass
+class Encoded:
+    """A left-padded batch of prompts, with per-item layout of the visual tokens."""
+
+    inputs: dict  # processor output, on the model's device
+    visual_positions: list[torch.Tensor]  # per item: sequence positions of its visual tokens
+    grids: list[tuple[int, int]]  # per item: (h, w) of the merged token grid, raster order
+    input_sizes: list[tuple[int, int]]  # per item: (height, width) of the resized model input
+    orig_sizes: list[tuple[int, int]]  # per item: (height, width) of the original image
+
+
+@dataclass
+class ParsedBox:
+    box: tuple[float, float, float, float] | None  # original-image pixels, xyxy; None = no_box
+    box_fixed: bool = False
+    coord_tokens: list[list[int]] = field(default_factory=list)  # token indices per x1,y1,x2,y2
+    error: str | None = None
+
+
+class Adapter:
+    """Base class; a family subclass fills in the prompt, the box convention and the layout."""
+
+    family: str = ""
+    # How the family writes coordinates: "absolute" (pixels of the resized input) or "norm1000".
+    coord_system: str = "absolute"
+
+    def __init__(self, model, processor, model_id: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = model_id
+
+    # ---- text -------------------------------------------------------------------------------
+    def prompt(self, category: str) -> str:
+        return PROMPT.format(category=category) + " " + self.box_instruction(category)
+
+    def box_instruction(self, category: str) -> str:
+        raise NotImplementedError
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_token_ids[0]
+
+    # ---- layout -----------------------------------------------------------------------------
+    def encode(self, images, categories) -> Encoded:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.config.get_text_config().num_attention_heads
+
+    # ---- boxes ------------------------------------------------------------------------------
+    def to_original(self, raw: RawBox, input_size, orig_size):
+        """Map the four numbers to original-image pixels (xyxy), before clamping."""
+        (ih, iw), (oh, ow) = input_size, orig_size
+        x1, y1, x2, y2 = raw.values
+        if self.coord_system == "norm1000":
+            return (x1 * ow / 1000, y1 * oh / 1000, x2 * ow / 1000, y2 * oh / 1000)
+        return (x1 * ow / iw, y1 * oh / ih, x2 * ow / iw, y2 * oh / ih)
+
+    def from_original(self, box, input_size, orig_size) -> tuple[float, float, float, float]:
+        """Inverse of `to_original`: how the model should write an original-pixel box."""
+        (ih, iw), (oh, ow) = input_size, orig_size
+        x1, y1, x2, y2 = box
+        if self.coord_system == "norm1000":
+            return (x1 * 1000 / ow, y1 * 1000 / oh, x2 * 1000 / ow, y2 * 1000 / oh)
+        return (x1 * iw / ow, y1 * ih / oh, x2 * iw / ow, y2 * ih / oh)
+
+    def parse(self, token_ids: list[int], input_size, orig_size) -> tuple[str, ParsedBox]:
+        """Decode generated tokens and parse the first box; never raises on model output."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        raw = find_box(text)
+        if raw is None:
+            return text, ParsedBox(None, error="no well-formed box of four numbers in the output")
+        box, fixed = clamp_box(self.to_original(raw, input_size, orig_size), orig_size[1], orig_size[0])
+        if box is None:
+            return text, ParsedBox(None, fixed, error=f"box {list(raw.values)} is empty inside the image")
+        coord_tokens = tokens_for_spans(token_char_ends(self.tokenizer, token_ids), raw.spans)
+        return text, ParsedBox(box, fixed, coord_tokens)
+
+    def answer_text(self, box_in_model_coords, category: str) -> str:
+        """The text the family would write for a box (used to train and to test the parser)."""
+        raise NotImplementedError
+
+
+# ---- registry ---------------------------------------------------------------------------------
+ADAPTERS: dict[str, type[Adapter]] = {}
+# model_type in config.json -> family name
+MODEL_TYPES: dict[str, str] = {}
+
+
+def register(family: str, model_types: tuple[str, ...]) -> Callable[[type[Adapter]], type[Adapter]]:
+    def deco(cls):
+        cls.family = family
+        ADAPTERS[family] = cls
+        for mt in model_types:
+            MODEL_TYPES[mt] = family
+        return cls
+    return deco
+
+
+def organism_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "organism"
+
+
+def resolve_model(model: str) -> str:
+    """`organism` -> the shipped checkpoint; a local directory or hub id is returned as is."""
+    if model == "organism":
+        path = organism_dir()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the organism checkpoint is missing at {path}; train it with `acs train-organism`")
+        return str(path)
+    return model
+
+
+def family_of(model: str, trust_remote_code: bool = False) -> str:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    family = MODEL_TYPES.get(cfg.model_type)
+    if family is None:
+        raise ValueError(f"model type {cfg.model_type!r} of {model!r} has no adapter; supported families: "
+                         f"{sorted(ADAPTERS)}")
+    return family
+
+
+def load_adapter(model: str = "organism", device: str | None = None, dtype: str = "auto",
+                 trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Adapter:
+    """Load model and processor (hub id, local directory or `organism`) behind its family adapter.
+
+    `HF_HUB_OFFLINE=1` is honoured by transformers itself; weights load only from safetensors.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import qwen2_5_vl  # noqa: F401  (registers the family)
+
+    path = resolve_model(model)
+    family = family_of(path, trust_remote_code)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    net = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        attn_implementation=attn_implementation,
+    ).to(device).eval()
+    model_id = model
+    meta = Path(path) / "acs_model.json"
+    if os.path.isdir(path) and meta.exists():
+        model_id = json.loads(meta.read_text()).get("model_id", model)
+    return ADAPTERS[family](net, processor, model_id)

@@ -1,0 +1,52 @@
+"""Qwen2.5-VL: JSON `bbox_2d` in absolute pixels of the resized input; one image span per prompt.
+
+The vision tower emits one token per 2x2 block of 14-px patches ("merged" tokens) in raster order of
+the merged grid (its window attention reorders internally and restores the order at the end), so the
+visual span of an image reshapes to (grid_h / merge, grid_w / merge) directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, Encoded, register
+
+
+@register("qwen2.5-vl", model_types=("qwen2_5_vl",))
+class Qwen25VLAdapter(Adapter):
+    coord_system = "absolute"
+
+    def box_instruction(self, category: str) -> str:
+        return 'Output its bbox_2d in JSON.'
+
+    def answer_text(self, box, category: str) -> str:
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        return f'[{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "{category}"}}]'
+
+    def messages(self, category: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": self.prompt(category)}]}]
+
+    def encode(self, images, categories) -> Encoded:
+        texts = [self.processor.apply_chat_template(self.messages(c), add_generation_prompt=True,
+                                                    tokenize=False) for c in categories]
+        inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True,
+                                padding_side="left")
+        image_token_id = self.model.config.image_token_id
+        merge = self.processor.image_processor.merge_size
+        patch = self.processor.image_processor.patch_size
+        visual_positions, grids, input_sizes = [], [], []
+        for i, (t, h, w) in enumerate(inputs["image_grid_thw"].tolist()):
+            pos = (inputs["input_ids"][i] == image_token_id).nonzero().flatten()
+            gh, gw = h // merge, w // merge
+            assert pos.numel() == t * gh * gw, "visual span does not match the image grid"
+            visual_positions.append(pos)
+            grids.append((gh, gw))
+            input_sizes.append((h * patch, w * patch))
+        device = self.model.device
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return Encoded(inputs=inputs, visual_positions=visual_positions, grids=grids,
+                       input_sizes=input_sizes,
+                       orig_sizes=[(im.height, im.width) for im in images])

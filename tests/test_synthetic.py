@@ -1,0 +1,232 @@
+import io
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.make_synthetic import main
+from pipeline import synthetic as S
+
+VARIANTS = ["shapes", "shapes-shift"]
+
+
+def scene_bytes(scene: S.Scene) -> bytes:
+    return scene.image.tobytes()
+
+
+def test_categories():
+    assert len(S.CATEGORIES) == len(S.COLOURS) * len(S.SHAPES) == 48
+    assert len(set(S.CATEGORIES)) == 48
+    assert S.CATEGORIES[0] == "red circle"
+    assert S.CATEGORY_ID["red circle"] == 1 and S.CATEGORY_ID[S.CATEGORIES[-1]] == 48
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_make_scene_deterministic_and_split_dependent(variant):
+    a, b = S.make_scene(variant, "test", 7), S.make_scene(variant, "test", 7)
+    assert a.image.size == (640, 480) and a.image.mode == "RGB"
+    assert scene_bytes(a) == scene_bytes(b)
+    assert a.objects == b.objects
+    others = [S.make_scene(variant, "train", 7), S.make_scene(variant, "calib", 7),
+              S.make_scene(variant, "test", 8), S.make_scene(variant, "test", 7, seed=1)]
+    for o in others:
+        assert scene_bytes(o) != scene_bytes(a)
+
+
+def test_variants_differ():
+    assert scene_bytes(S.make_scene("shapes", "train", 0)) != scene_bytes(S.make_scene("shapes-shift", "train", 0))
+
+
+def test_bad_args(tmp_path):
+    with pytest.raises(ValueError, match="shapes-shift"):
+        S.make_scene("coco", "train", 0)
+    with pytest.raises(ValueError, match="calib"):
+        S.make_scene("shapes", "val", 0)
+    with pytest.raises(ValueError):
+        S.make_scene("shapes", "train", -1)
+    out = tmp_path / "out"
+    for kwargs in [dict(n=0), dict(n=-3), dict(n=2, variant="coco"), dict(n=2, split="val"),
+                   dict(n=2, shard_size=0)]:
+        args = dict(out_dir=str(out), variant="shapes", split="train") | kwargs
+        with pytest.raises(ValueError):
+            S.make_synthetic(**args)
+    assert not out.exists()  # validated before anything is written
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_objects_and_queries(variant):
+    repeated = 0
+    for i in range(60):
+        scene = S.make_scene(variant, "calib", i)
+        assert 1 <= len(scene.objects) <= 6
+        counts = Counter(o.category for o in scene.objects)
+        repeated += any(c > 1 for c in counts.values())
+        for o in scene.objects:
+            x, y, w, h = o.bbox
+            assert o.category in S.CATEGORY_ID
+            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 640 and y + h <= 480
+            assert 0 < o.area <= w * h
+        q = scene.queries()
+        assert [c for c, _ in q] == [o.category for o in scene.objects if counts[o.category] == 1]
+        assert all(o.category == c for c, o in q)
+    assert 0 < repeated < 60  # ambiguous repeats occur, but not everywhere
+
+
+def test_size_mix():
+    shares = {}
+    for variant in VARIANTS:
+        buckets, widths = Counter(), []
+        for i in range(200):
+            for _, o in S.make_scene(variant, "train", i).queries():
+                buckets[S.size_bucket(o.area)] += 1
+                widths.append(min(o.bbox[2], o.bbox[3]))
+        total = sum(buckets.values())
+        shares[variant] = {b: buckets[b] / total for b in ("small", "medium", "large")}
+        assert 8 <= min(widths) <= 13  # smallest objects are ~10-12 px across
+    assert shares["shapes"]["small"] >= 0.35
+    assert shares["shapes"]["medium"] >= 0.25 and shares["shapes"]["large"] >= 0.15
+    assert shares["shapes-shift"]["small"] >= 0.45
+    assert shares["shapes-shift"]["large"] > 0
+
+
+def test_size_bucket_edges():
+    assert S.size_bucket(32**2 - 0.01) == "small"
+    assert S.size_bucket(32**2) == "medium"
+    assert S.size_bucket(96**2) == "large"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_occlusion_bound(monkeypatch, variant):
+    # Spy on the placement routine to get at every scene's internal visibility maps.
+    seen = []
+    real = S._try_place
+
+    def spy(rng, placed, *args, **kwargs):
+        seen.append(placed)
+        return real(rng, placed, *args, **kwargs)
+
+    monkeypatch.setattr(S, "_try_place", spy)
+    for i in range(40):
+        S.make_scene(variant, "train", i)
+    lists = {id(p): p for p in seen}.values()
+    occlusions = [1 - p.vis.sum() / p.full for placed in lists for p in placed]
+    assert max(occlusions) < 0.3
+    assert max(occlusions) > 0  # overlaps do happen
+
+
+def test_bbox_is_tight(monkeypatch):
+    # A flat black background makes every drawn pixel visible as a non-zero pixel.
+    monkeypatch.setattr(S, "_background", lambda rng, variant: Image.new("RGB", (640, 480)))
+    checked = 0
+    for i in range(30):
+        scene = S.make_scene("shapes", "test", i)
+        drawn = np.asarray(scene.image).max(axis=2) > 0
+        union = np.zeros_like(drawn)
+        boxes = [tuple(int(v) for v in o.bbox) for o in scene.objects]
+        for x, y, w, h in boxes:
+            union[y:y + h, x:x + w] = True
+        assert not (drawn & ~union).any(), "drawn pixels outside every bbox"
+        for j, (x, y, w, h) in enumerate(boxes):
+            # Isolated: no other box within 3 px, so the neighbourhood holds only this object.
+            x0, y0, x1, y1 = max(x - 3, 0), max(y - 3, 0), x + w + 3, y + h + 3
+            if any(bx < x1 and bx + bw > x0 and by < y1 and by + bh > y0
+                   for k, (bx, by, bw, bh) in enumerate(boxes) if k != j):
+                continue
+            ys, xs = np.nonzero(drawn[y0:y1, x0:x1])
+            assert (x0 + xs.min(), y0 + ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (x, y, w, h)
+            # Area is coverage, so it lies between the fully covered and touched pixel counts.
+            assert drawn[y0:y1, x0:x1].sum() * 0.5 < scene.objects[j].area <= drawn[y0:y1, x0:x1].sum()
+            checked += 1
+    assert checked > 30
+
+
+def read_shards(out: str) -> list[dict]:
+    rows = []
+    for f in sorted(os.listdir(os.path.join(out, "shards"))):
+        path = os.path.join(out, "shards", f)
+        assert pq.read_schema(path).remove_metadata().equals(S.SHARD_SCHEMA)
+        rows += pq.read_table(path).to_pylist()
+    return rows
+
+
+def test_make_synthetic(tmp_path):
+    out = str(tmp_path / "a")
+    summary = S.make_synthetic(out, "shapes", "test", n=6, seed=3, shard_size=4)
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f) == summary
+    assert summary["n_images"] == 6
+    assert len(summary["paths"]["shards"]) == 2
+    assert sum(summary["size_shares"].values()) == pytest.approx(1.0)
+
+    with open(os.path.join(out, "annotations.json")) as f:
+        coco = json.load(f)
+    assert [im["id"] for im in coco["images"]] == list(range(1, 7))
+    assert coco["images"][0]["file_name"] == "images/shapes-test-000000.jpg"
+    assert len(coco["annotations"]) == summary["n_annotations"]
+    assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 49))
+    assert coco["categories"][3] == {"id": 4, "name": "red star", "supercategory": "star"}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 480 and a["area"] > 0
+        assert 1 <= a["category_id"] <= 48 and a["iscrowd"] == 0
+    # Annotations are exactly the in-memory scenes.
+    scene = S.make_scene("shapes", "test", 2, seed=3)
+    anns = [a for a in coco["annotations"] if a["image_id"] == 3]
+    assert [(a["category_id"], tuple(a["bbox"]), a["area"]) for a in anns] == \
+        [(o.category_id, o.bbox, o.area) for o in scene.objects]
+
+    rows = read_shards(out)
+    assert [r["key"] for r in rows] == [f"shapes-test-{i:06d}" for i in range(6)]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    n_queries = 0
+    for r, im in zip(rows, coco["images"]):
+        assert r["image_id"] == im["id"] and r["file_name"] == im["file_name"]
+        assert (r["width"], r["height"]) == (640, 480)
+        with open(os.path.join(out, r["file_name"]), "rb") as f:
+            disk = f.read()
+        assert r["jpg"] == disk
+        decoded = np.asarray(Image.open(io.BytesIO(r["jpg"])))
+        assert np.array_equal(decoded, np.asarray(Image.open(os.path.join(out, r["file_name"]))))
+        counts = Counter(names[a["category_id"]] for a in coco["annotations"] if a["image_id"] == im["id"])
+        assert sorted(r["categories"]) == sorted(c for c, k in counts.items() if k == 1)
+        n_queries += len(r["categories"])
+    assert n_queries == summary["n_queries"]
+    # The JPEG is the rendered scene, up to compression error.
+    err = np.abs(np.asarray(Image.open(io.BytesIO(rows[2]["jpg"])), float) - np.asarray(scene.image, float))
+    assert err.mean() < 3
+
+    # Same args -> identical bytes; a smaller rerun in place drops the now-stale shard.
+    out_b = str(tmp_path / "b")
+    S.make_synthetic(out_b, "shapes", "test", n=6, seed=3, shard_size=4)
+    for rel in ["annotations.json"] + [im["file_name"] for im in coco["images"]]:
+        with open(os.path.join(out, rel), "rb") as fa, open(os.path.join(out_b, rel), "rb") as fb:
+            assert fa.read() == fb.read(), rel
+    S.make_synthetic(out_b, "shapes", "test", n=3, seed=3, shard_size=4)
+    assert os.listdir(os.path.join(out_b, "shards")) == ["shard-00000.parquet"]
+    assert len(read_shards(out_b)) == 3
+
+
+def test_pycocotools_loads(tmp_path):
+    coco_mod = pytest.importorskip("pycocotools.coco")
+    S.make_synthetic(str(tmp_path), "shapes-shift", "calib", n=4)
+    coco = coco_mod.COCO(str(tmp_path / "annotations.json"))
+    assert sorted(coco.getImgIds()) == [1, 2, 3, 4]
+    assert len(coco.getCatIds()) == 48
+    assert len(coco.getAnnIds()) == len(coco.dataset["annotations"]) > 0
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["--out", str(out), "--variant", "shapes-shift", "--split", "train", "--n", "3",
+               "--seed", "1", "--shard-size", "2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "images" in text and "small" in text
+    assert len(os.listdir(out / "images")) == 3
+    assert len(os.listdir(out / "shards")) == 2
+    assert main(["--out", str(out), "--variant", "shapes", "--split", "train", "--n", "0"]) == 2
