@@ -125,36 +125,37 @@ def _check(variant: str, split: str) -> None:
 
 # ---------------------------------------------------------------- backgrounds
 
-_NOISE_AMP, _NOISE_PAD = 6, 64
-_noise_bank: Image.Image | None = None
+_NOISE_AMP, _NOISE_FRAMES = 6, 8
+_noise_bank: list[Image.Image] = []
 _CAP_LUT = [min(v, 255 - 2 * _NOISE_AMP) for v in range(256)] * 3
 
 
 def _noise(rng: np.random.Generator) -> Image.Image:
-    """A random crop of one fixed noise image: much cheaper than fresh per-pixel noise."""
-    global _noise_bank
-    if _noise_bank is None:
-        arr = np.random.default_rng(20240607).integers(
-            0, 2 * _NOISE_AMP + 1, (HEIGHT + _NOISE_PAD, WIDTH + _NOISE_PAD, 3), dtype=np.uint8)
-        _noise_bank = Image.fromarray(arr)
-    dx, dy = rng.integers(0, _NOISE_PAD, 2)
-    return _noise_bank.crop((int(dx), int(dy), int(dx) + WIDTH, int(dy) + HEIGHT))
+    """One of a few fixed noise frames (0..2*amp): drawing fresh noise per scene costs more
+    than the whole rest of the background, and mild noise needs no variety."""
+    if not _noise_bank:
+        gen = np.random.default_rng(20240607)
+        _noise_bank.extend(Image.fromarray(gen.integers(0, 2 * _NOISE_AMP + 1, (HEIGHT, WIDTH, 3),
+                                                        dtype=np.uint8))
+                           for _ in range(_NOISE_FRAMES))
+    return _noise_bank[int(rng.integers(_NOISE_FRAMES))]
 
 
-def _muted(rng: np.random.Generator, lo: int = 40, hi: int = 170, spread: int = 30) -> tuple:
+def _muted(rng: np.random.Generator, shape: tuple[int, ...] = (), lo: int = 40, hi: int = 170,
+           spread: int = 30) -> np.ndarray:
+    """uint8 RGB colours of the given shape (+ a trailing 3)."""
     # Low-saturation colours so the saturated object colours stand out; capped so adding
     # the noise (0..2*amp) cannot overflow, which lets us use the cheap add_modulo.
-    grey = rng.integers(lo, hi)
-    rgb = np.clip(grey + rng.integers(-spread, spread + 1, 3), 0, 255 - 2 * _NOISE_AMP)
-    return tuple(int(v) for v in rgb)
+    grey = rng.integers(lo, hi, (*shape, 1))
+    rgb = np.clip(grey + rng.integers(-spread, spread + 1, (*shape, 3)), 0, 255 - 2 * _NOISE_AMP)
+    return rgb.astype(np.uint8)
 
 
 def _smooth(rng: np.random.Generator, cells: tuple[int, int], **muted) -> Image.Image:
     """Smooth upsampling of a tiny random grid: a smooth gradient or blotches."""
-    grid = np.array([[_muted(rng, **muted) for _ in range(cells[1])] for _ in range(cells[0])],
-                    np.uint8)
-    # Bicubic to quarter size then nearest: steps of < 2 grey levels, hidden by the noise,
-    # at a quarter of the cost of a full-size bilinear resize.
+    grid = _muted(rng, cells, **muted)
+    # Interpolate at quarter size then upscale by nearest: ~4x cheaper than a full-size resize.
+    # Gradients get steps of < 2 grey levels (hidden by the noise); blotches a faint blockiness.
     small = Image.fromarray(grid).resize((WIDTH // 4, HEIGHT // 4), Image.BICUBIC)
     # Bicubic overshoots; re-cap so the noise added later cannot wrap around.
     small = small.point(_CAP_LUT)
@@ -164,14 +165,14 @@ def _smooth(rng: np.random.Generator, cells: tuple[int, int], **muted) -> Image.
 def _background(rng: np.random.Generator, variant: str) -> Image.Image:
     if variant == "shapes":
         if rng.random() < 0.3:
-            img = Image.new("RGB", (WIDTH, HEIGHT), _muted(rng))
+            img = Image.new("RGB", (WIDTH, HEIGHT), tuple(_muted(rng).tolist()))
         else:
             img = _smooth(rng, (2, 2) if rng.random() < 0.5 else (3, 3))
     else:
         kind = rng.integers(3)
-        c1, c2 = _muted(rng, 30, 200, 50), _muted(rng, 30, 200, 50)
+        c1, c2 = _muted(rng, (2,), lo=30, hi=200, spread=50)
         if kind == 0:  # stripes at a random angle
-            img = Image.new("RGB", (WIDTH, HEIGHT), c1)
+            img = Image.new("RGB", (WIDTH, HEIGHT), tuple(c1.tolist()))
             draw = ImageDraw.Draw(img)
             period, theta = rng.uniform(8, 40), rng.uniform(0, math.pi)
             n, t = np.array([math.cos(theta), math.sin(theta)]), np.array([-math.sin(theta), math.cos(theta)])
@@ -179,15 +180,14 @@ def _background(rng: np.random.Generator, variant: str) -> Image.Image:
             for k in range(-int(reach / period) - 1, int(reach / period) + 1):
                 a, b = centre + n * k * period, centre + n * (k + 0.5) * period
                 draw.polygon([tuple(a - t * reach), tuple(a + t * reach),
-                              tuple(b + t * reach), tuple(b - t * reach)], fill=c2)
+                              tuple(b + t * reach), tuple(b - t * reach)], fill=tuple(c2.tolist()))
         elif kind == 1:  # checkerboard
             cell = int(rng.integers(12, 49))
             rows, cols = -(-HEIGHT // cell), -(-WIDTH // cell)
-            parity = (np.add.outer(np.arange(rows), np.arange(cols)) % 2).astype(np.uint8)
-            board = Image.fromarray(parity, "P")
-            board.putpalette(list(c1) + list(c2))
-            img = (board.resize((cols * cell, rows * cell), Image.NEAREST)
-                   .crop((0, 0, WIDTH, HEIGHT)).convert("RGB"))
+            parity = np.add.outer(np.arange(rows), np.arange(cols)) % 2
+            board = Image.fromarray(np.where(parity[..., None] == 1, c2, c1).astype(np.uint8))
+            # box= crops in source pixels, so the upscale is exact and needs no extra crop.
+            img = board.resize((WIDTH, HEIGHT), Image.NEAREST, box=(0, 0, WIDTH / cell, HEIGHT / cell))
         else:  # blotchy noise
             img = _smooth(rng, (int(rng.integers(4, 9)), int(rng.integers(5, 11))), lo=30, hi=200, spread=60)
     return ImageChops.add_modulo(img, _noise(rng))  # no wrap-around, see _muted
@@ -221,7 +221,9 @@ def _mask(rng: np.random.Generator, shape: str | np.ndarray, w: float, h: float)
         lo, hi = np.array([-w / 2, -h / 2]), np.array([w / 2, h / 2])
     else:
         poly = _POLYGONS[shape] if isinstance(shape, str) else shape
-        angle = rng.uniform(-0.17, 0.17)  # +-10 degrees: a square must not become a diamond
+        # A diamond is a square turned 45 degrees: keep those two well apart in angle.
+        max_angle = 0.09 if isinstance(shape, str) and shape in ("square", "diamond") else 0.17
+        angle = rng.uniform(-max_angle, max_angle)
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         pts = (poly * [w / 2, h / 2]) @ rot.T
         lo, hi = pts.min(0), pts.max(0)

@@ -1,0 +1,222 @@
+"""`acs train-organism`: train the shipped small Qwen2.5-VL on `shapes/train`, on CPU, resumably.
+
+    acs train-organism --out runs/organism --steps 3000 --batch-size 16
+
+Checkpoints go to OUT/ckpt (model, processor, optimizer moments in safetensors, `state.json`);
+rerunning the same command resumes from there. `--export DIR` writes the final model where the
+package ships it. Logs one JSON line per log interval to OUT/train_log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def _adapter(model, processor):
+    from pipeline.models.qwen2_5_vl import Qwen25VLAdapter
+
+    return Qwen25VLAdapter(model, processor, "organism")
+
+
+def build(seed: int):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.models.tokenizer import build_tokenizer
+    from pipeline.organism import OrganismConfig, init_number_embeddings, organism_configs
+
+    tokenizer = build_tokenizer()
+    config, processor = organism_configs(OrganismConfig(), tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    init_number_embeddings(model, tokenizer)
+    return model, processor
+
+
+def _save_opt(opt, model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                tensors[f"{names[id(p)]}::exp_avg"] = st["exp_avg"].contiguous()
+                tensors[f"{names[id(p)]}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                tensors[f"{names[id(p)]}::step"] = torch.as_tensor(st["step"]).float().reshape(1)
+    save_file(tensors, str(path))
+
+
+def _load_opt(opt, model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if f"{name}::exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"{name}::exp_avg"], "exp_avg_sq": tensors[f"{name}::exp_avg_sq"],
+                            "step": tensors[f"{name}::step"].reshape(())}
+
+
+@torch.inference_mode()
+def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dict:
+    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split."""
+    import numpy as np
+
+    from pipeline.metrics import paired_iou, size_bucket, summarize
+    from pipeline.sampling import SamplingConfig, sample
+    from pipeline.synthetic import make_scene
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    items, i = [], 0
+    while len(items) < n:
+        scene = make_scene(variant, split, i)
+        for cat, obj in scene.queries():
+            items.append((scene.image, cat, obj))
+        i += 1
+    items = items[:n]
+    ious, buckets, nobox = [], [], 0
+    for b in range(0, n, 16):
+        chunk = items[b:b + 16]
+        enc = adapter.encode([c[0] for c in chunk], [c[1] for c in chunk])
+        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed),
+                     [f"{split}-{b + j}" for j in range(len(chunk))])
+        for j, (img, cat, obj) in enumerate(chunk):
+            _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
+            x, y, w, h = obj.bbox
+            if parsed.box is None:
+                nobox += 1
+                ious.append(0.0)
+            else:
+                ious.append(float(paired_iou(np.array([parsed.box]), np.array([[x, y, x + w, y + h]]))[0]))
+            buckets.append(size_bucket(obj.area))
+    adapter.model.train(was_training)
+    out = summarize(np.array(ious), np.array(buckets))
+    out["no_box_share"] = nobox / n
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="acs train-organism", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
+    ap.add_argument("--steps", type=int, default=3000, help="total optimiser steps")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=96, help="calib queries per periodic evaluation")
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) past this wall time")
+    ap.add_argument("--export", default=None, help="write the final model here (e.g. pipeline/assets/organism)")
+    args = ap.parse_args(argv)
+
+    from pipeline.organism import Batcher, OrganismConfig, save_checkpoint, training_inputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt = out / "ckpt"
+    log_path = out / "train_log.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "next_index": 0, "wall_s": 0.0}
+    if (ckpt / "state.json").exists():
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        state = json.loads((ckpt / "state.json").read_text())
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(ckpt)
+        print(f"resuming at step {state['step']}", flush=True)
+    else:
+        model, processor = build(args.seed)
+    model.config.get_text_config()._attn_implementation = "sdpa"
+    adapter = _adapter(model, processor)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"organism: {n_params / 1e6:.2f}M parameters", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if (ckpt / "optimizer.safetensors").exists():
+        _load_opt(opt, model, ckpt / "optimizer.safetensors")
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    batcher = Batcher(adapter, seed=args.seed)
+    batcher.rng.seed(args.seed * 1_000_003 + state["step"])  # resume picks the same queries
+    model.train()
+    t_start = time.time()
+    wall0 = state["wall_s"]
+    losses = []
+    pad = adapter.pad_token_id
+
+    def checkpoint():
+        state["wall_s"] = wall0 + time.time() - t_start
+        save_checkpoint(model, processor, ckpt, {"model_id": "organism", "family": "qwen2.5-vl",
+                                                  "organism_config": asdict(OrganismConfig()),
+                                                  "steps": state["step"], "wall_s": state["wall_s"]})
+        _save_opt(opt, model, ckpt / "optimizer.safetensors")
+        (ckpt / "state.json").write_text(json.dumps(state))
+
+    while state["step"] < args.steps:
+        step = state["step"]
+        enc, answers, nxt = batcher.batch(state["next_index"], args.batch_size)
+        inputs, labels = training_inputs(enc, answers, pad)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        state["step"] = step + 1
+        state["next_index"] = nxt
+        if state["step"] % 20 == 0:
+            rec = {"step": state["step"], "loss": sum(losses) / len(losses), "lr": lr_at(step),
+                   "wall_s": round(wall0 + time.time() - t_start, 1)}
+            losses = []
+            print(json.dumps(rec), flush=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
+            ev = greedy_eval(adapter, "shapes", "calib", args.eval_n)
+            rec = {"step": state["step"], "eval": "shapes/calib greedy", **{
+                k: v for k, v in ev.items()}}
+            print(json.dumps(rec), flush=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if state["step"] % args.ckpt_every == 0 or state["step"] == args.steps:
+            checkpoint()
+        if args.max_minutes and (time.time() - t_start) > args.max_minutes * 60:
+            checkpoint()
+            print("stopping at the wall-time limit; rerun the same command to resume", flush=True)
+            break
+
+    if args.export and state["step"] >= args.steps:
+        meta = json.loads((ckpt / "acs_model.json").read_text())
+        save_checkpoint(model, processor, Path(args.export), meta)
+        print(f"exported to {args.export}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The per-query ACS core: a batch of queries in, every candidate with every score out.
+
+    encode (adapter) -> sample K = N+1 candidates (sampling) -> parse boxes (adapter)
+    -> capture coordinate-token attention (sampling.capture_rows) -> reduce maps to entropy,
+    pooled grid and in-box mass -> score with every selector (scoring) -> QueryResult
+
+Plain Python and torch, no Ray: the Ray stage wraps `Grounder.ground` and `acs ground` calls it
+directly. Per-query failures become a status and an error on that query, never an exception.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .metrics import box_iou
+from .models.base import Adapter
+from .sampling import SamplingConfig, capture_rows, query_seed, sample
+from .scoring import (HeadProfile, QueryArrays, middle_band, score_acs_free, score_greedy,
+                      score_logprob, score_loc_mass, score_oracle, score_random, score_vote, select)
+
+CAPTURE_MODES = ("all", "profile", "none")
+
+
+@dataclass
+class GroundConfig:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    capture: str = "all"  # all: every layer and head; profile: only ACS-Free heads; none
+    profile_path: str | None = None
+    regressor_path: str | None = None
+    grid: int = 16  # pooled map size for ACS-Learned and --dump-maps
+    keep_maps: bool = False  # keep pooled maps on the result (regressor training, reports)
+
+
+@dataclass
+class Query:
+    query_id: str
+    image: object  # PIL.Image, RGB
+    category: str
+    gt: tuple[float, float, float, float] | None = None  # xyxy, original pixels
+
+
+@dataclass
+class Candidate:
+    cand_idx: int
+    text: str
+    status: str  # ok | no_box
+    error: str | None
+    box: tuple[float, float, float, float] | None
+    box_fixed: bool
+    mean_logprob: float
+    n_tokens: int
+    scores: dict[str, float] = field(default_factory=dict)
+    iou: float | None = None
+    entropy: np.ndarray | None = None  # (4, L, H) over captured layers/heads
+    pooled: np.ndarray | None = None  # (4, L, H, G, G)
+
+
+@dataclass
+class QueryResult:
+    query_id: str
+    status: str
+    error: str | None
+    candidates: list[Candidate]
+    selected: dict[str, int | None]
+    grid_hw: tuple[int, int] | None = None
+    layers: list[int] = field(default_factory=list)
+    heads: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Grounder:
+    """Holds the adapter and the selectors' state (head profile, regressor) for many batches."""
+
+    def __init__(self, adapter: Adapter, cfg: GroundConfig | None = None):
+        self.adapter = adapter
+        self.cfg = cfg or GroundConfig()
+        if self.cfg.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {self.cfg.capture!r}")
+        nl, nh = adapter.num_layers, adapter.num_heads
+        self.profile = (HeadProfile.load(self.cfg.profile_path, nl, nh) if self.cfg.profile_path
+                        else HeadProfile.default(adapter.model_id, nl, nh))
+        self.regressor = None
+        if self.cfg.regressor_path:
+            from .regressor import load_regressor
+
+            self.regressor, _ = load_regressor(self.cfg.regressor_path, nl, nh)
+        if self.cfg.capture == "all" or self.regressor is not None:
+            self.layers, self.heads = list(range(nl)), list(range(nh))
+        elif self.cfg.capture == "profile":
+            self.layers = self.profile.layers
+            self.heads = sorted({h for _, h in self.profile.heads})
+        else:
+            self.layers, self.heads = [], []
+
+    def ground(self, queries: list[Query]) -> list[QueryResult]:
+        if not queries:
+            return []
+        ad, cfg = self.adapter, self.cfg
+        t0 = time.perf_counter()
+        enc = ad.encode([q.image for q in queries], [q.category for q in queries])
+        t1 = time.perf_counter()
+        gen = sample(ad, enc, cfg.sampling, [q.query_id for q in queries])
+        t2 = time.perf_counter()
+        k = gen.k
+        parsed = []
+        for r, toks in enumerate(gen.tokens):
+            qi = r // k
+            parsed.append(ad.parse(toks, enc.input_sizes[qi], enc.orig_sizes[qi]))
+        wanted = [sorted({i for span in p.coord_tokens for i in span}) if p.box is not None else []
+                  for _, p in parsed]
+        maps = [None] * len(parsed)
+        if self.layers:
+            head_idx = torch.tensor(self.heads, device=ad.model.device)
+            maps = capture_rows(ad, enc, gen, wanted, self.layers, head_idx)
+        t3 = time.perf_counter()
+        results = [self._query_result(q, qi, enc, gen, parsed, wanted, maps) for qi, q in enumerate(queries)]
+        t4 = time.perf_counter()
+        per_query = {"encode_s": t1 - t0, "sample_s": t2 - t1, "capture_s": t3 - t2, "score_s": t4 - t3}
+        for res in results:
+            res.timings = {k_: v / len(queries) for k_, v in per_query.items()}
+            res.timings["generated_tokens"] = gen.n_generated / len(queries)
+        return results
+
+    # ---- per query ------------------------------------------------------------------------------
+    def _query_result(self, q: Query, qi: int, enc, gen, parsed, wanted, maps) -> QueryResult:
+        k = gen.k
+        gh, gw = enc.grids[qi]
+        oh, ow = enc.orig_sizes[qi]
+        cands: list[Candidate] = []
+        full_maps = []
+        for c in range(k):
+            r = qi * k + c
+            text, p = parsed[r]
+            lps = gen.logprobs[r]
+            coord_lp = [lps[i] for i in wanted[r] if i < len(lps)]
+            cand = Candidate(
+                cand_idx=c, text=text, status="ok" if p.box is not None else "no_box", error=p.error,
+                box=p.box, box_fixed=p.box_fixed,
+                mean_logprob=float(np.mean(coord_lp)) if coord_lp else float("nan"),
+                n_tokens=len(gen.tokens[r]))
+            m = None
+            if maps[r] is not None:
+                # Rows -> the 4 coordinates: a coordinate spelled by several tokens averages them.
+                pos = {tok: j for j, tok in enumerate(wanted[r])}
+                m = torch.stack([maps[r][[pos[t] for t in span]].mean(0) for span in p.coord_tokens])
+                m = m.reshape(4, len(self.layers), len(self.heads), gh, gw)  # (4, L, H, gh, gw)
+                cand.entropy = _entropy(m).numpy()
+                if self.cfg.keep_maps or self.regressor is not None:
+                    cand.pooled = torch.nn.functional.adaptive_avg_pool2d(
+                        m.reshape(-1, 1, gh, gw), self.cfg.grid).reshape(
+                        4, len(self.layers), len(self.heads), self.cfg.grid, self.cfg.grid).numpy()
+            full_maps.append(m)
+            cands.append(cand)
+
+        boxes = np.array([c.box if c.box is not None else (np.nan,) * 4 for c in cands], dtype=np.float64)
+        arrays = QueryArrays(boxes=boxes, mean_logprob=np.array([c.mean_logprob for c in cands]),
+                             gt=np.array(q.gt, dtype=np.float64) if q.gt is not None else None,
+                             seed=query_seed(self.cfg.sampling.seed, q.query_id + "/random"))
+        scores = {"greedy": score_greedy(arrays), "random": score_random(arrays),
+                  "logprob": score_logprob(arrays), "vote": score_vote(arrays)}
+        if any(m is not None for m in full_maps):
+            nl, nh = len(self.layers), len(self.heads)
+            ent = np.full((k, 4, nl, nh), np.nan)
+            for c in cands:
+                if c.entropy is not None:
+                    ent[c.cand_idx] = c.entropy
+            scores["acs-free"] = self._acs_free(ent, arrays)
+            if self.cfg.capture == "all":
+                scores["loc-mass"] = self._loc_mass(full_maps, boxes, (gh, gw), (oh, ow), arrays)
+            if self.regressor is not None:
+                scores["acs-learned"] = self._learned(cands, arrays.valid)
+        if q.gt is not None:
+            scores["oracle"] = score_oracle(arrays)
+            ious = box_iou(boxes, arrays.gt[None])[:, 0]
+            for c in cands:
+                c.iou = float(ious[c.cand_idx])
+        for name, s in scores.items():
+            for c in cands:
+                c.scores[name] = float(s[c.cand_idx])
+        selected = {name: select(s) for name, s in scores.items()}
+        n_ok = int(arrays.valid.sum())
+        status, error = ("ok", None) if n_ok else ("no_box", f"none of the {k} candidates contained a box")
+        return QueryResult(query_id=q.query_id, status=status, error=error, candidates=cands,
+                           selected=selected, grid_hw=(gh, gw), layers=list(self.layers),
+                           heads=list(self.heads))
+
+    def _acs_free(self, ent: np.ndarray, arrays: QueryArrays) -> np.ndarray:
+        # Entropy was captured for self.layers x self.heads; index the profile's pairs in it.
+        li = {l: i for i, l in enumerate(self.layers)}
+        hi = {h: i for i, h in enumerate(self.heads)}
+        prof = HeadProfile(self.profile.model_id, [(li[l], hi[h]) for l, h in self.profile.heads])
+        return score_acs_free(QueryArrays(boxes=arrays.boxes, mean_logprob=arrays.mean_logprob, entropy=ent),
+                              prof)
+
+    def _loc_mass(self, full_maps, boxes, grid_hw, orig_hw, arrays) -> np.ndarray:
+        gh, gw = grid_hw
+        oh, ow = orig_hw
+        band = [self.layers.index(l) for l in middle_band(len(self.layers))]
+        k = len(full_maps)
+        maps = np.zeros((k, 4, len(band), len(self.heads), gh, gw))
+        for i, m in enumerate(full_maps):
+            if m is not None:
+                maps[i] = m[:, band].numpy()
+        grid_boxes = boxes * np.array([gw / ow, gh / oh, gw / ow, gh / oh])
+        q = QueryArrays(boxes=boxes, mean_logprob=arrays.mean_logprob, maps=maps, grid_boxes=grid_boxes)
+        return score_loc_mass(q, layers=list(range(len(band))))
+
+    @torch.inference_mode()
+    def _learned(self, cands, valid) -> np.ndarray:
+        out = np.full(len(cands), np.nan)
+        idx = [c.cand_idx for c in cands if c.pooled is not None and valid[c.cand_idx]]
+        if idx:
+            x = torch.from_numpy(np.stack([cands[i].pooled for i in idx])).float()
+            out[idx] = self.regressor(x).numpy()
+        return out
+
+
+def _entropy(m: torch.Tensor) -> torch.Tensor:
+    p = m.flatten(-2)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)

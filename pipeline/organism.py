@@ -1,0 +1,153 @@
+"""The model organism: a small Qwen2.5-VL trained from scratch to ground shapes.
+
+Architecture and data are chosen so the phenomenon ACS is about can appear on 2 CPU cores:
+- input 640x480 scenes resized to 320x240 with 8-px patches (2x2 merged: 20 x 15 = 300 visual
+  tokens), so a small object (< 32^2 px in the original) covers one or two patches: seen, barely;
+- one token per integer coordinate, with embeddings initialised as sinusoids of the value, so
+  nearby numbers start out similar (the feasibility probe spent its first 300 steps otherwise
+  learning that numbers are ordered);
+- only grounding is trained: cross-entropy on the answer tokens. No loss term looks at attention
+  or at any selector, so whatever ACS finds in the attention is not put there by training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models.tiny import build_processor, qwen25_vl_config
+from .models.tokenizer import build_tokenizer
+
+
+@dataclass
+class OrganismConfig:
+    text_hidden: int = 256
+    text_layers: int = 8
+    text_heads: int = 8
+    text_kv_heads: int = 4
+    text_ffn: int = 768
+    vision_hidden: int = 128
+    vision_depth: int = 4
+    vision_heads: int = 4
+    vision_ffn: int = 384
+    patch_size: int = 8
+    input_width: int = 320
+    input_height: int = 240
+
+
+def organism_configs(oc: OrganismConfig, tokenizer):
+    head_dim = oc.text_hidden // oc.text_heads
+    # M-RoPE splits head_dim / 2 rotary frequencies across (t, h, w); 7B uses 16/24/24 of 64.
+    half = head_dim // 2
+    t_sec = half // 4
+    hw = (half - t_sec) // 2
+    mrope = [t_sec, hw, half - t_sec - hw]
+    text = dict(hidden_size=oc.text_hidden, intermediate_size=oc.text_ffn,
+                num_hidden_layers=oc.text_layers, num_attention_heads=oc.text_heads,
+                num_key_value_heads=oc.text_kv_heads, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope})
+    vision = dict(depth=oc.vision_depth, hidden_size=oc.vision_hidden, intermediate_size=oc.vision_ffn,
+                  num_heads=oc.vision_heads, out_hidden_size=oc.text_hidden, patch_size=oc.patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=oc.patch_size * 2 * 8,
+                  fullatt_block_indexes=[oc.vision_depth // 2 - 1, oc.vision_depth - 1],
+                  tokens_per_second=2)
+    config = qwen25_vl_config(text, vision, tokenizer)
+    pixels = oc.input_width * oc.input_height
+    processor = build_processor(tokenizer, patch_size=oc.patch_size, merge_size=2,
+                                min_pixels=pixels, max_pixels=pixels)
+    return config, processor
+
+
+def init_number_embeddings(model, tokenizer, max_number: int = 1023) -> None:
+    """Sinusoids of the integer value for the number tokens (tied with the output layer)."""
+    emb = model.get_input_embeddings().weight
+    d = emb.shape[1]
+    ids = tokenizer.convert_tokens_to_ids([str(i) for i in range(max_number + 1)])
+    vals = torch.arange(max_number + 1, dtype=torch.float32)[:, None]
+    freqs = torch.exp(-math.log(2000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)[None]
+    table = torch.zeros(max_number + 1, d)
+    table[:, 0::2] = torch.sin(vals * freqs)
+    table[:, 1::2] = torch.cos(vals * freqs)
+    with torch.no_grad():
+        emb[ids] = table.to(emb.dtype) * emb.std() / table.std()
+
+
+class Batcher:
+    """Training examples made on the fly from `shapes/train` scenes (an endless train split)."""
+
+    def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0):
+        self.adapter = adapter
+        self.variant, self.split, self.seed = variant, split, seed
+        self.rng = random.Random(seed)
+
+    def example(self, index: int):
+        from .synthetic import make_scene
+
+        scene = make_scene(self.variant, self.split, index, seed=self.seed)
+        queries = scene.queries()
+        if not queries:
+            return None
+        category, obj = queries[self.rng.randrange(len(queries))]
+        x, y, w, h = obj.bbox
+        return scene.image, category, (x, y, x + w, y + h)
+
+    def batch(self, start: int, size: int):
+        """Tokenised prompts + answers with labels on the answer tokens only."""
+        ad = self.adapter
+        images, cats, answers = [], [], []
+        i = start
+        while len(images) < size:
+            ex = self.example(i)
+            i += 1
+            if ex is None:
+                continue
+            img, cat, box = ex
+            images.append(img)
+            cats.append(cat)
+            answers.append(box)
+        enc = ad.encode(images, cats)
+        answer_ids = []
+        for box, cat, isz, osz in zip(answers, cats, enc.input_sizes, enc.orig_sizes):
+            text = ad.answer_text(ad.from_original(box, isz, osz), cat)
+            answer_ids.append(ad.tokenizer(text, add_special_tokens=False)["input_ids"] + ad.eos_token_ids[:1])
+        return enc, answer_ids, i
+
+
+def training_inputs(enc, answer_ids, pad_id: int):
+    """Append answers to left-padded prompts; right-pad answers; labels only on answer tokens."""
+    ids, mask = enc.inputs["input_ids"], enc.inputs["attention_mask"]
+    b = ids.shape[0]
+    t = max(len(a) for a in answer_ids)
+    ans = torch.full((b, t), pad_id, dtype=ids.dtype)
+    amask = torch.zeros(b, t, dtype=mask.dtype)
+    for i, a in enumerate(answer_ids):
+        ans[i, : len(a)] = torch.tensor(a)
+        amask[i, : len(a)] = 1
+    labels = torch.cat([torch.full_like(ids, -100), torch.where(amask.bool(), ans, -100)], 1)
+    inputs = dict(enc.inputs)
+    inputs["input_ids"] = torch.cat([ids, ans], 1)
+    inputs["attention_mask"] = torch.cat([mask, amask], 1)
+    inputs["mm_token_type_ids"] = torch.cat([enc.inputs["mm_token_type_ids"], torch.zeros_like(ans)], 1)
+    return inputs, labels
+
+
+def save_checkpoint(model, processor, out: Path, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "acs_model.json").write_text(json.dumps(meta, indent=2))
+
+
+def now() -> float:
+    return time.time()
+
+
+__all__ = ["OrganismConfig", "organism_configs", "init_number_embeddings", "Batcher", "training_inputs",
+           "save_checkpoint", "asdict"]
