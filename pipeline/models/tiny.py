@@ -85,7 +85,7 @@ def build_processor(tokenizer, patch_size: int = 14, merge_size: int = 2,
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str = "tiny",
                     layers: int | None = None, seed: int = 0, dtype: str | None = None,
-                    max_pixels: int | None = None) -> Path:
+                    max_pixels: int | None = None, vision_layers: int | None = None) -> Path:
     """Build and save a random-weight model, tokenizer and processor; return the directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -100,6 +100,12 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     overrides = {"num_hidden_layers": layers} if layers else {}
+    if vision_layers:
+        # Benchmarks of text-side attention may shorten the vision tower (same per-block shape),
+        # which otherwise dominates CPU time; full-attention blocks are kept within range.
+        vision = dict(vision, depth=vision_layers,
+                      fullatt_block_indexes=[i for i in vision["fullatt_block_indexes"] if i < vision_layers]
+                      or [vision_layers - 1])
     config = qwen25_vl_config(text, vision, tokenizer, **overrides)
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[dtype]
     if torch_dtype is None:
@@ -120,5 +126,6 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str 
                     max_pixels=max_pixels or default_max).save_pretrained(out)
     (out / "acs_model.json").write_text(json.dumps(
         {"family": family, "shape": shape, "layers": config.text_config.num_hidden_layers,
+         "vision_layers": config.vision_config.depth,
          "seed": seed, "random_weights": True}, indent=2))
     return out
