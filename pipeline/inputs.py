@@ -1,0 +1,183 @@
+"""Listing queries from the three input kinds, deterministically, and cutting them into shards.
+
+Listing reads metadata only (annotation JSON, manifests, the non-image columns of image shards):
+image bytes are read later, by the CPU stage, next to where they are decoded. Every listed query
+carries a `shard_id`; output files and completion markers are named after it, which is what makes
+reruns skip finished work and never duplicate rows.
+
+A query that is unusable on its face (empty or absurd text, unknown category, duplicate id) is
+still listed, with `pre_status`/`pre_error` set: it gets its row, it just never reaches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+
+import fsspec
+
+MAX_QUERY_CHARS = 200
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
+def join_uri(root: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(root.rstrip("/"), name) if "://" in root else str(__import__("pathlib").Path(root) / name)
+
+
+def check_query_text(text) -> str | None:
+    """Why a query text is unusable, or None."""
+    if not isinstance(text, str) or not text.strip():
+        return "empty query text"
+    if len(text) > MAX_QUERY_CHARS:
+        return f"query text of {len(text)} characters exceeds {MAX_QUERY_CHARS}"
+    if any(ord(ch) < 32 for ch in text):
+        return "query text contains control characters"
+    return None
+
+
+def _query(query_id, image_id, image_uri, category, gt=None, gt_area=None, **extra) -> dict:
+    q = {"query_id": str(query_id), "image_id": None if image_id is None else str(image_id),
+         "image_uri": image_uri, "category": category,
+         "gt_x1": None, "gt_y1": None, "gt_x2": None, "gt_y2": None, "gt_area": gt_area,
+         "pre_status": None, "pre_error": None, "shard_file": None, "row_index": None}
+    if gt is not None:
+        q.update(gt_x1=gt[0], gt_y1=gt[1], gt_x2=gt[2], gt_y2=gt[3])
+    q.update(extra)
+    bad = check_query_text(category)
+    if bad:
+        q.update(pre_status="query_error", pre_error=bad)
+    return q
+
+
+def list_coco(ann_uri: str, images_root: str, storage_options: dict | None = None,
+              multi_instance: bool = False) -> list[dict]:
+    """One query per (image, category) with exactly one instance (METHOD.md); annotations that
+    name an unknown category become `query_error` rows rather than disappearing."""
+    with fsspec.open(ann_uri, "r", **(storage_options or {})) as f:
+        coco = json.load(f)
+    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    images = {im["id"]: im for im in coco.get("images", [])}
+    by_pair: dict[tuple, list] = {}
+    bad: list[dict] = []
+    for ann in coco.get("annotations", []):
+        if ann.get("iscrowd", 0):
+            continue
+        key = (ann["image_id"], ann["category_id"])
+        if ann["category_id"] not in cats or ann["image_id"] not in images:
+            what = "category" if ann["category_id"] not in cats else "image"
+            bad.append(_query(f"{ann['image_id']}:{ann['category_id']}:ann{ann.get('id')}", ann["image_id"],
+                              None, str(ann["category_id"]),
+                              pre_status="query_error",
+                              pre_error=f"annotation {ann.get('id')} names unknown {what} id "
+                                        f"{ann['category_id'] if what == 'category' else ann['image_id']}"))
+            bad[-1].update(pre_status="query_error")
+            continue
+        by_pair.setdefault(key, []).append(ann)
+    out = []
+    for (image_id, cat_id), anns in sorted(by_pair.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        if len(anns) != 1 and not multi_instance:
+            continue  # ambiguous ground truth: not a query (METHOD.md), counted in the listing summary
+        ann = anns[0]
+        x, y, w, h = ann["bbox"]
+        im = images[image_id]
+        q = _query(f"{image_id}:{cat_id}", image_id, join_uri(images_root, im["file_name"]), cats[cat_id],
+                   gt=(x, y, x + w, y + h), gt_area=ann.get("area"), width=im.get("width"),
+                   height=im.get("height"))
+        out.append(q)
+    return out + bad
+
+
+def list_manifest(uri: str, images_root: str | None, storage_options: dict | None = None) -> list[dict]:
+    """Parquet, CSV or JSONL with `image` and `category` (optional `query_id`, `gt_x1..gt_y2`)."""
+    import polars as pl
+
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    import io
+
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        df = pl.read_parquet(io.BytesIO(data))
+    elif lower.endswith(".csv"):
+        df = pl.read_csv(io.BytesIO(data))
+    elif lower.endswith((".jsonl", ".ndjson")):
+        df = pl.read_ndjson(io.BytesIO(data))
+    else:
+        raise ValueError(f"manifest {uri}: unknown format (use .parquet, .csv or .jsonl)")
+    missing = {"image", "category"} - set(df.columns)
+    if missing:
+        raise ValueError(f"manifest {uri}: missing column(s) {sorted(missing)}; need `image` and `category`")
+    out = []
+    for i, row in enumerate(df.iter_rows(named=True)):
+        qid = row.get("query_id")
+        qid = f"q{i:08d}" if qid is None or str(qid) == "" else str(qid)
+        gt = None
+        if all(row.get(c) is not None for c in ("gt_x1", "gt_y1", "gt_x2", "gt_y2")):
+            gt = tuple(float(row[c]) for c in ("gt_x1", "gt_y1", "gt_x2", "gt_y2"))
+        image = str(row["image"])
+        out.append(_query(qid, row.get("image_id") or image, join_uri(images_root, image) if images_root else image,
+                          row["category"], gt=gt, gt_area=row.get("gt_area")))
+    return out
+
+
+def list_shards(url: str, storage_options: dict | None = None, categories: list[str] | None = None) -> list[dict]:
+    """img2dataset-style Parquet shards: one query per (row, category); bytes stay in the file."""
+    import pyarrow.parquet as pq
+
+    fs, _, paths = fsspec.get_fs_token_paths(url, storage_options=storage_options or {})
+    if not paths and fs.isdir(url):
+        paths = sorted(p for p in fs.find(url) if p.endswith(".parquet"))
+    paths = sorted(p for p in paths if p.endswith(".parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no Parquet shards match {url}")
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    out = []
+    for path in paths:
+        uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            cols = [c for c in ("key", "image_id", "categories", "category", "width", "height") if c in names]
+            table = pf.read(columns=cols)
+        shard = f"{posixpath.basename(path).rsplit('.', 1)[0]}-{_hash(uri)}"
+        for i, row in enumerate(table.to_pylist()):
+            cats = categories or row.get("categories") or ([row["category"]] if row.get("category") else [])
+            key = str(row.get("key") or i)
+            for cat in cats:
+                out.append(_query(f"{key}:{cat}", row.get("image_id", key), f"{uri}#{key}", cat,
+                                  shard_file=uri, row_index=i, shard_id=shard,
+                                  width=row.get("width"), height=row.get("height")))
+    return out
+
+
+def dedupe(queries: list[dict]) -> list[dict]:
+    """Later duplicates of a query_id get a unique id and `query_error`: still one row each."""
+    seen: dict[str, int] = {}
+    for q in queries:
+        n = seen.get(q["query_id"], 0)
+        seen[q["query_id"]] = n + 1
+        if n:
+            q["query_id"] = f"{q['query_id']}~dup{n}"
+            q.update(pre_status="query_error", pre_error=f"duplicate query_id (occurrence {n + 1})")
+    return queries
+
+
+def assign_shards(queries: list[dict], shard_size: int, source_key: str) -> list[dict]:
+    """Consecutive chunks of `shard_size` in listing order; ids carry a hash of the input spec so
+    two different inputs written to one output never share a shard name."""
+    prefix = _hash(source_key)
+    for i, q in enumerate(queries):
+        if not q.get("shard_id"):
+            q["shard_id"] = f"shard-{prefix}-{i // shard_size:05d}"
+    return queries
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)

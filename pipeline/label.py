@@ -1,0 +1,236 @@
+"""The labelling job: list -> skip finished shards -> Ray Data stages -> per-shard Parquet + markers.
+
+`run_label(cfg)` is what `acs label` and `python -m jobs.label` call; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from .schema import BOXES_SCHEMA, CANDIDATES_SCHEMA, attention_schema
+from .storage import Output
+
+
+@dataclass
+class LabelConfig:
+    """Resolved configuration of one labelling run (written to _runs/RUN_ID.json, minus secrets)."""
+
+    output: str = field(metadata={"help": "output prefix (local path or fsspec URL such as s3://bucket/run)"})
+    coco: str | None = field(default=None, metadata={"help": "COCO annotation JSON: queries from ground truth"})
+    images: str | None = field(default=None, metadata={"help": "image root for --coco / --queries"})
+    queries: str | None = field(default=None, metadata={"help": "query manifest (Parquet/CSV/JSONL: image, category)"})
+    shards: str | None = field(default=None, metadata={"help": "image shards (img2dataset-style Parquet), glob or folder"})
+    categories: list[str] | None = field(default=None, metadata={"help": "categories to query in every shard image"})
+    model: str = field(default="organism", metadata={"help": "hub id, local directory or `organism`"})
+    selector: str = field(default="auto", metadata={"help": "selector for boxes/: auto = acs-learned with a regressor, else acs-free"})
+    num_candidates: int = field(default=10, metadata={"help": "sampled candidates N (greedy comes on top)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per candidate at most"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (per-query generators derive from it)"})
+    capture: str = field(default="all", metadata={"help": "attention capture: all | profile | none"})
+    profile: str | None = field(default=None, metadata={"help": "ACS-Free head profile JSON"})
+    regressor: str | None = field(default=None, metadata={"help": "ACS-Learned regressor directory"})
+    dump_maps: bool = field(default=False, metadata={"help": "also write pooled attention maps (to train on)"})
+    grid: int = field(default=16, metadata={"help": "pooled map size G"})
+    batch_size: int = field(default=8, metadata={"help": "queries per model batch inside an actor"})
+    shard_size: int = field(default=256, metadata={"help": "queries per output shard (file and resume unit)"})
+    actors: int = field(default=1, metadata={"help": "ACS actors (model replicas)"})
+    gpus_per_actor: float = field(default=1.0, metadata={"help": "GPUs per actor when CUDA is present"})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per actor"})
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local instance)"})
+    storage_options: dict = field(default_factory=dict, metadata={"help": "fsspec options (never logged)", "secret": True})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N queries (smoke runs)"})
+    progress: bool = field(default=True, metadata={"help": "show Ray Data progress bars"})
+    run_id: str = field(default="", metadata={"help": "defaults to a timestamp + random suffix"})
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d["storage_options"] = {k: "***" for k in self.storage_options}  # keys only, values never
+        return d
+
+
+def _list(cfg: LabelConfig) -> tuple[list[dict], str]:
+    from .inputs import assign_shards, dedupe, list_coco, list_manifest, list_shards
+
+    given = [x for x in (cfg.coco, cfg.queries, cfg.shards) if x]
+    if len(given) != 1:
+        raise ValueError("give exactly one input: --coco ANN.json --images ROOT, --queries MANIFEST, or --shards URL")
+    so = cfg.storage_options
+    if cfg.coco:
+        if not cfg.images:
+            raise ValueError("--coco needs --images ROOT")
+        qs, key = list_coco(cfg.coco, cfg.images, so), f"coco:{cfg.coco}:{cfg.images}"
+    elif cfg.queries:
+        qs, key = list_manifest(cfg.queries, cfg.images, so), f"queries:{cfg.queries}:{cfg.images}"
+    else:
+        qs, key = list_shards(cfg.shards, so, cfg.categories), f"shards:{cfg.shards}"
+    qs = dedupe(qs)
+    if cfg.limit:
+        qs = qs[: cfg.limit]
+    return assign_shards(qs, cfg.shard_size, key), key
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("acs-pipeline", "torch", "transformers", "ray", "pyarrow", "polars"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class ShardWriter:
+    """Buffers result rows per shard; writes the shard's three tables and then its marker as soon
+    as every query of the shard has come back."""
+
+    def __init__(self, out: Output, expected: dict[str, int], dump_maps: bool):
+        self.out, self.expected = out, expected
+        self.attn_schema = attention_schema(dump_maps)
+        self.buf: dict[str, dict[str, list]] = defaultdict(lambda: {"boxes": [], "candidates": [], "attention": []})
+        self.written: list[str] = []
+        self.status = Counter()
+        self.rows = Counter()
+
+    def add(self, shard: str, box: dict, cands: list[dict], attn: list[dict]) -> None:
+        b = self.buf[shard]
+        b["boxes"].append(box)
+        b["candidates"].extend(cands)
+        b["attention"].extend(attn)
+        if len(b["boxes"]) == self.expected[shard]:
+            self.flush(shard)
+
+    def flush(self, shard: str) -> None:
+        b = self.buf.pop(shard)
+        self.out.write_table(pa.Table.from_pylist(b["boxes"], schema=BOXES_SCHEMA), "boxes", f"{shard}.parquet")
+        self.out.write_table(pa.Table.from_pylist(b["candidates"], schema=CANDIDATES_SCHEMA),
+                             "candidates", f"{shard}.parquet")
+        self.out.write_table(pa.Table.from_pylist(b["attention"], schema=self.attn_schema),
+                             "attention", f"{shard}.parquet")
+        counts = Counter(r["status"] for r in b["boxes"])
+        # The marker last: its presence means the shard's files are complete.
+        self.out.write_json({"shard_id": shard, "queries": len(b["boxes"]), "candidates": len(b["candidates"]),
+                             "attention": len(b["attention"]), "status": dict(counts),
+                             "finished": dt.datetime.now(dt.timezone.utc).isoformat()}, "_shards", f"{shard}.json")
+        self.status.update(counts)
+        self.rows.update(boxes=len(b["boxes"]), candidates=len(b["candidates"]), attention=len(b["attention"]))
+        self.written.append(shard)
+
+
+def resolve_selector(cfg: LabelConfig, regressor: str | None) -> str:
+    from .scoring import SELECTORS
+
+    if cfg.selector == "auto":
+        return "acs-learned" if regressor else "acs-free"
+    if cfg.selector not in SELECTORS:
+        raise ValueError(f"unknown selector {cfg.selector!r}; choose from {', '.join(SELECTORS)}")
+    if cfg.selector == "acs-learned" and not regressor:
+        raise ValueError("--selector acs-learned needs a regressor (--regressor DIR); none ships for this model")
+    if cfg.selector == "loc-mass" and cfg.capture != "all":
+        raise ValueError("--selector loc-mass needs --capture all")
+    return cfg.selector
+
+
+def run_label(cfg: LabelConfig) -> dict:
+    import ray
+
+    from .assets import default_paths
+    from .ground import GroundConfig
+    from .sampling import SamplingConfig
+    from .stages import ACSStage, load_images
+
+    t_start = time.time()
+    cfg.run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    profile, regressor = default_paths(cfg.model, cfg.profile, cfg.regressor)
+    selector = resolve_selector(cfg, regressor)
+    out = Output(cfg.output, cfg.storage_options)
+    queries, source_key = _list(cfg)
+    expected = Counter(q["shard_id"] for q in queries)
+    done = out.done_shards()
+    pending = [q for q in queries if q["shard_id"] not in done]
+    t_listed = time.time()
+    counters = {"queries": len(queries), "shards": len(expected), "shards_skipped": len(set(expected) & done),
+                "queries_pending": len(pending)}
+    writer = ShardWriter(out, dict(expected), cfg.dump_maps)
+    acs_seconds = gen_tokens = 0.0
+    if pending:
+        if not ray.is_initialized():
+            ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                               "TOKENIZERS_PARALLELISM": "false"}})
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.progress
+        ctx.execution_options.preserve_order = False
+        gpus = ray.cluster_resources().get("GPU", 0)
+        ground_cfg = GroundConfig(
+            sampling=SamplingConfig(num_candidates=cfg.num_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+            capture=cfg.capture, profile_path=profile, regressor_path=regressor, grid=cfg.grid,
+            keep_maps=cfg.dump_maps)
+        # The listing rows are small (no image bytes); blocks of ~a batch keep all actors busy.
+        ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), len(pending) // cfg.batch_size)))
+        ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy",
+                            fn_kwargs={"storage_options": cfg.storage_options})
+        ds = ds.map_batches(
+            ACSStage, batch_size=cfg.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_gpus=cfg.gpus_per_actor if gpus else 0, num_cpus=cfg.cpus_per_actor,
+            fn_constructor_kwargs={"model": cfg.model, "ground_cfg": ground_cfg, "selector": selector,
+                                   "run_id": cfg.run_id, "micro_batch": cfg.batch_size,
+                                   "trust_remote_code": cfg.trust_remote_code, "dump_maps": cfg.dump_maps},
+            max_task_retries=3)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["query_id"])):
+                writer.add(batch["shard_id"][i], batch["box"][i], list(batch["candidates"][i]),
+                           list(batch["attention"][i]))
+            acs_seconds += float(batch["acs_seconds"].sum())
+            gen_tokens += float(batch["generated_tokens"].sum())
+    leftover = list(writer.buf)
+    if leftover:
+        raise RuntimeError(f"{len(leftover)} shard(s) did not receive all their rows: {leftover[:5]}")
+    t_end = time.time()
+    counters.update(shards_written=len(writer.written), status=dict(writer.status), rows=dict(writer.rows),
+                    generated_tokens=gen_tokens)
+    summary = {
+        "run_id": cfg.run_id, "config": cfg.public(), "selector": selector, "profile": profile,
+        "regressor": regressor, "source": source_key, "versions": _versions(), "counters": counters,
+        "timings": {"list_s": t_listed - t_start, "total_s": t_end - t_start, "acs_actor_s": acs_seconds,
+                    "queries_per_s": len(pending) / max(1e-9, t_end - t_listed) if pending else None},
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    out.write_json(summary, "_runs", f"{cfg.run_id}.json")
+    return summary
+
+
+def summary_text(summary: dict, out_url: str, storage_options: dict | None = None) -> str:
+    """Counts by status and, with ground truth, the per-selector x bucket table of the whole output."""
+    from .evaluate import load_tables, selector_rows
+    from .metrics import format_table, selector_table
+
+    c = summary["counters"]
+    lines = [f"run {summary['run_id']}: {c['queries']} queries in {c['shards']} shard(s) "
+             f"({c['shards_skipped']} already done, {c['shards_written']} written) in "
+             f"{summary['timings']['total_s']:.1f} s"]
+    if c.get("status"):
+        lines.append("status: " + ", ".join(f"{k}={v}" for k, v in sorted(c["status"].items())))
+    boxes, cands = load_tables(out_url, storage_options)
+    if boxes.height and boxes["gt_x1"].null_count() < boxes.height:
+        lines += ["", format_table(selector_table(selector_rows(boxes, cands)))]
+    return "\n".join(lines)
+
+
+__all__ = ["LabelConfig", "run_label", "summary_text", "json"]

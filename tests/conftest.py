@@ -1,0 +1,104 @@
+"""Shared fixtures: offline tiny Qwen2.5-VL models, built once per session.
+
+Sections: environment; images; models (tiny random, parrot). Ray fixtures live elsewhere
+(e.g. tests/conftest_ray.py); nothing here starts Ray or any other service.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# ------------------------------------------------------------------------------------ environment
+# The tiny models are latency-bound: on a small shared CPU one thread is several times faster than
+# two threads contending with other work. Override with ACS_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("ACS_TEST_THREADS", "1")))
+
+# ------------------------------------------------------------------------------------ images
+# The parrot answers this box in resized-input pixels; images of at least 84 px contain it.
+PARROT_BOX = (10, 20, 50, 60)
+PARROT_CATEGORIES = ("red circle", "blue square", "green triangle")
+
+
+def solid_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A small RGB image: a solid background with one differently coloured rectangle."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    x, y = rng.randrange(width // 2), rng.randrange(height // 2)
+    img.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + width // 3, y + height // 3))
+    return img
+
+
+# ------------------------------------------------------------------------------------ models
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from pipeline.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen"), shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model_dir):
+    from pipeline.models.base import load_adapter
+
+    return load_adapter(str(tiny_model_dir), device="cpu")
+
+
+def _parrot_batches(adapter, n_batches: int = 4, size: int = 3):
+    from pipeline.organism import training_inputs
+
+    rng = random.Random(0)
+    sizes = [(112, 84), (84, 140), (98, 98), (140, 112), (84, 84), (126, 98)]
+    batches = []
+    for b in range(n_batches):
+        images = [solid_image(*sizes[rng.randrange(len(sizes))], seed=100 * b + i) for i in range(size)]
+        cats = [rng.choice(PARROT_CATEGORIES) for _ in range(size)]
+        enc = adapter.encode(images, cats)
+        answers = [adapter.tokenizer(adapter.answer_text(PARROT_BOX, c), add_special_tokens=False)["input_ids"]
+                   + adapter.eos_token_ids[:1] for c in cats]
+        batches.append(training_inputs(enc, answers, adapter.pad_token_id))
+    return batches
+
+
+@pytest.fixture(scope="session")
+def parrot_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny model fine-tuned to answer PARROT_BOX (resized-input pixels) in Qwen's JSON format."""
+    from pipeline.boxes import find_box
+    from pipeline.models.base import load_adapter
+
+    torch.manual_seed(0)
+    adapter = load_adapter(str(tiny_model_dir), device="cpu")
+    model = adapter.model.train()
+    batches = _parrot_batches(adapter)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(120):
+        inputs, labels = batches[step % len(batches)]
+        loss = model(**inputs, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+    out = tmp_path_factory.mktemp("parrot-qwen")
+    model.save_pretrained(out, safe_serialization=True)
+    adapter.processor.save_pretrained(out)
+
+    enc = adapter.encode([solid_image(100, 90, seed=7)], ["red circle"])
+    with torch.inference_mode():
+        ids = model.generate(**enc.inputs, do_sample=False, max_new_tokens=32)
+    text = adapter.tokenizer.decode(ids[0, enc.inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    raw = find_box(text)
+    assert raw is not None and raw.values == tuple(map(float, PARROT_BOX)), f"parrot did not learn: {text!r}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def parrot_adapter(parrot_model_dir):
+    from pipeline.models.base import load_adapter
+
+    return load_adapter(str(parrot_model_dir), device="cpu")
