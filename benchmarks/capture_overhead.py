@@ -310,7 +310,8 @@ def _run(args, tmp: str) -> int:
     t_setup = time.perf_counter()
     if args.model:
         model_dir = args.model
-        shape = "custom"
+        meta = Path(model_dir) / "acs_model.json"  # written by make_tiny_model; absent for real checkpoints
+        shape = json.loads(meta.read_text()).get("shape", "custom") if meta.exists() else "custom"
     else:
         from pipeline.models.tiny import make_tiny_model
 

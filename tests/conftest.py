@@ -34,6 +34,12 @@ def solid_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return img
 
 
+@pytest.fixture(scope="session")
+def make_image():
+    """`solid_image(width, height, seed)` for tests."""
+    return solid_image
+
+
 # ------------------------------------------------------------------------------------ models
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import solid_image
 
 from pipeline.models.base import Adapter, family_of, load_adapter
 
@@ -60,8 +59,8 @@ def test_family_of_in_fresh_process(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_adapter):
-    images = [solid_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+def encoded(tiny_adapter, make_image):
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     cats = ["red circle", "blue square", "a much longer category name"]
     return images, cats, tiny_adapter.encode(images, cats)
 

@@ -1,0 +1,201 @@
+"""Sampling and attention capture against eager attention and `generate` (pipeline/sampling.py,
+pipeline/capture.py)."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.capture import entropy, pad_positions
+from pipeline.sampling import SamplingConfig, capture_rows, sample
+
+CFG = SamplingConfig(num_candidates=3, max_new_tokens=8)
+N_WANTED = 4  # first generated tokens captured per row
+SIZES = [(112, 84), (168, 140)]  # 12 and 30 visual tokens: the first query is left padded
+
+
+@pytest.fixture(scope="module")
+def eager_model(tiny_model_dir):
+    from pipeline.models.base import load_adapter
+
+    return load_adapter(str(tiny_model_dir), device="cpu", attn_implementation="eager").model
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_adapter, make_image):
+    images = [make_image(w, h, seed=10 + i) for i, (w, h) in enumerate(SIZES)]
+    enc = tiny_adapter.encode(images, ["red circle", "blue square"])
+    assert (enc.inputs["attention_mask"][0] == 0).any()  # padding is exercised
+    return enc
+
+
+def _wanted(gen):
+    return [list(range(min(N_WANTED, len(t)))) for t in gen.tokens]
+
+
+@torch.inference_mode()
+def _eager_reference(eager_model, enc, gen, wanted):
+    """Per row: eager attention from the steps of its `wanted` tokens onto its visual tokens,
+    renormalised over them, (R, L, H, V); each row gets its own full forward."""
+    inputs = enc.inputs
+    n_patches = [int(g.prod()) for g in inputs["image_grid_thw"]]
+    offsets = [0] + list(torch.tensor(n_patches).cumsum(0).tolist())
+    p = inputs["input_ids"].shape[1]
+    refs = []
+    for r, toks in enumerate(gen.tokens):
+        if not wanted[r]:
+            refs.append(None)
+            continue
+        q = r // gen.k
+        gen_ids = torch.tensor(toks, dtype=torch.long)
+        out = eager_model(
+            input_ids=torch.cat([inputs["input_ids"][q], gen_ids])[None],
+            attention_mask=torch.cat([inputs["attention_mask"][q], torch.ones_like(gen_ids)])[None],
+            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][q], torch.zeros_like(gen_ids)])[None],
+            pixel_values=inputs["pixel_values"][offsets[q]:offsets[q + 1]],
+            image_grid_thw=inputs["image_grid_thw"][q:q + 1],
+            output_attentions=True)
+        vis = enc.visual_positions[q]
+        rows = torch.tensor([p - 1 + j for j in wanted[r]])
+        att = torch.stack([a[0][:, rows][:, :, vis] for a in out.attentions], 1)  # (H, L, R, V)
+        att = att / att.sum(-1, keepdim=True)
+        refs.append(att.permute(2, 1, 0, 3).float())  # (R, L, H, V)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def full_capture(tiny_adapter, eager_model, batch):
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    wanted = _wanted(gen)
+    refs = _eager_reference(eager_model, batch, gen, wanted)
+    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)))
+    return gen, wanted, refs, maps
+
+
+def test_capture_matches_eager_attention(tiny_adapter, batch, full_capture):
+    gen, wanted, refs, maps = full_capture
+    nl, nh = tiny_adapter.num_layers, tiny_adapter.num_heads
+    assert len(maps) == 2 * CFG.num_candidates + 2
+    checked = 0
+    for r, (m, ref) in enumerate(zip(maps, refs)):
+        if ref is None:
+            assert m is None
+            continue
+        v = batch.visual_positions[r // gen.k].numel()
+        assert m.shape == (len(wanted[r]), nl, nh, v) and m.dtype == torch.float32
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]), rtol=0, atol=1e-5)
+        assert (m - ref).abs().max().item() <= 1e-5, f"row {r}"
+        checked += len(wanted[r])
+    assert checked >= 2 * N_WANTED  # at least the two greedy rows were compared in full
+    # the maps are not uniform, so the comparison is informative
+    assert max((m - 1 / m.shape[-1]).abs().max().item() for m in maps if m is not None) > 1e-3
+
+
+def test_capture_head_subset(tiny_adapter, eager_model, batch, full_capture):
+    gen0, _, refs, _ = full_capture
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    assert gen.tokens == gen0.tokens
+    wanted = _wanted(gen)
+    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)),
+                        heads=torch.tensor([1, 3]))
+    for m, ref in zip(maps, refs):
+        if ref is not None:
+            assert m.shape[2] == 2
+            assert (m - ref[:, :, [1, 3]]).abs().max().item() <= 1e-5
+
+
+def test_capture_single_layer(tiny_adapter, batch, full_capture):
+    gen0, _, refs, _ = full_capture
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    wanted = _wanted(gen)
+    maps = capture_rows(tiny_adapter, batch, gen, wanted, [2])
+    for m, ref in zip(maps, refs):
+        if ref is not None:
+            assert m.shape[1] == 1
+            assert (m - ref[:, [2]]).abs().max().item() <= 1e-5
+
+
+def test_capture_sparse_wanted_rows(tiny_adapter, batch, full_capture):
+    """Non-contiguous wanted indices, and rows that want nothing, come back as asked."""
+    gen0, wanted0, refs, _ = full_capture
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    wanted = [[] for _ in gen.tokens]
+    wanted[0] = [3, 1]  # unsorted on purpose
+    k = gen.k
+    wanted[k] = [2]
+    assert len(gen.tokens[0]) >= 4 and len(gen.tokens[k]) >= 3
+    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)))
+    assert [r for r, m in enumerate(maps) if m is not None] == [0, k]
+    assert (maps[0] - refs[0][[3, 1]]).abs().max().item() <= 1e-5
+    assert (maps[k] - refs[k][[2]]).abs().max().item() <= 1e-5
+
+
+def test_capture_nothing_wanted(tiny_adapter, batch):
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    assert capture_rows(tiny_adapter, batch, gen, [[] for _ in gen.tokens], [0, 1]) == [None] * len(gen.tokens)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def test_sample_shapes_and_logprobs(tiny_adapter, batch):
+    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    assert gen.k == CFG.num_candidates + 1 and len(gen.tokens) == 2 * gen.k
+    eos = set(tiny_adapter.eos_token_ids)
+    for toks, lps in zip(gen.tokens, gen.logprobs):
+        assert len(toks) == len(lps) <= CFG.max_new_tokens
+        assert not eos & set(toks)
+        assert all(lp <= 0 and math.isfinite(lp) for lp in lps)
+    assert gen.mask.shape == (2 * gen.k, batch.inputs["input_ids"].shape[1])
+
+
+def test_sample_same_seed_same_samples(tiny_adapter, batch):
+    a = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    b = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    c = sample(tiny_adapter, batch, SamplingConfig(num_candidates=3, max_new_tokens=8, seed=1), ["qa", "qb"])
+    k = a.k
+    assert [c.tokens[0], c.tokens[k]] == [a.tokens[0], a.tokens[k]]  # greedy rows do not depend on the seed
+    assert c.tokens != a.tokens
+    assert len({tuple(t) for t in a.tokens[1:k]}) > 1  # sampled rows differ from one another
+
+
+def test_sample_independent_of_batch(tiny_adapter, make_image):
+    small, big = make_image(112, 84, seed=1), make_image(196, 168, seed=2)
+    alone = sample(tiny_adapter, tiny_adapter.encode([small], ["red circle"]), CFG, ["A"])
+    enc = tiny_adapter.encode([big, small], ["blue square", "red circle"])
+    assert (enc.inputs["attention_mask"][1] == 0).any()  # A is left padded in the batch
+    both = sample(tiny_adapter, enc, CFG, ["B", "A"])
+    k = alone.k
+    assert both.tokens[k:] == alone.tokens
+    for x, y in zip(both.logprobs[k:], alone.logprobs):
+        assert x == pytest.approx(y, abs=1e-4)
+
+
+@torch.inference_mode()
+def test_greedy_row_equals_generate(parrot_adapter, make_image):
+    ad = parrot_adapter
+    enc = ad.encode([make_image(112, 98, seed=3), make_image(168, 140, seed=4)], ["red circle", "blue square"])
+    gen = sample(ad, enc, SamplingConfig(num_candidates=2, max_new_tokens=32), ["q0", "q1"])
+    ref = ad.model.generate(**enc.inputs, do_sample=False, max_new_tokens=32)
+    p = enc.inputs["input_ids"].shape[1]
+    eos = ad.eos_token_ids[0]
+    for q in range(2):
+        row = ref[q, p:].tolist()
+        row = row[: row.index(eos)] if eos in row else row
+        assert gen.tokens[q * gen.k] == row
+        assert '"bbox_2d": [10, 20, 50, 60]' in ad.tokenizer.decode(row)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def test_pad_positions():
+    idx, valid = pad_positions([torch.tensor([3, 4, 5]), torch.tensor([7])], "cpu")
+    assert idx.tolist() == [[3, 4, 5], [7, 0, 0]]
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_entropy():
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    torch.testing.assert_close(entropy(p), torch.tensor([math.log(4), 0.0, math.log(2)]))
