@@ -73,7 +73,8 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     prefix_mask = enc.inputs["attention_mask"].repeat_interleave(k, 0)
     logits = out.logits[:, -1].float().repeat_interleave(k, 0)  # (Q*K, V)
 
-    gens = [torch.Generator().manual_seed(query_seed(cfg.seed, q)) for q in query_keys]
+    # Generators live on the logits' device so sampling never copies rows x vocab to the host.
+    gens = [torch.Generator(device=logits.device).manual_seed(query_seed(cfg.seed, q)) for q in query_keys]
     eos = torch.tensor(adapter.eos_token_ids, device=logits.device)
     rows = nq * k
     done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
@@ -86,18 +87,18 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     for t in range(cfg.max_new_tokens):
         logp = logits.log_softmax(-1)
         warped = _filter_top_p(logits / max(cfg.temperature, 1e-5), cfg.top_p)
-        probs = warped.softmax(-1).cpu()
+        probs = warped.softmax(-1)
         # One generator per query keeps a query's samples identical whatever it is batched with.
         drawn = torch.cat([torch.multinomial(probs[q * k:(q + 1) * k], 1, generator=gens[q])
-                           for q in range(nq)]).squeeze(1).to(logits.device)
+                           for q in range(nq)]).squeeze(1)
         nxt = torch.where(is_greedy, logits.argmax(-1), drawn)
         nxt = torch.where(done, torch.full_like(nxt, adapter.pad_token_id), nxt)
         tokens[:, t] = nxt
         logps[:, t] = logp.gather(1, nxt[:, None]).squeeze(1)
         done = done | torch.isin(nxt, eos)
         steps = t + 1
-        if bool(done.all()):
-            break
+        if bool(done.all()) or steps == cfg.max_new_tokens:
+            break  # no forward for a token that will never be used
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=mask.device)], 1)
         step = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True,
                      position_ids=_text_positions(mask, 1, deltas))

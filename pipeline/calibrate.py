@@ -1,0 +1,97 @@
+"""ACS-Free head profiles from a labelled run with ground truth (the `calib` split, never `test`).
+
+Entropy method (ours, METHOD.md): rank every (layer, head) by the mean within-query Spearman
+correlation between its attention entropy (negated: lower entropy should mean higher IoU) and the
+candidates' IoU; keep the top k. Saliency method (the paper's): rank heads by the mean absolute
+input gradient of the trained regressor's prediction with respect to each head's maps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from .evaluate import read_table
+from .metrics import mean_within_group_spearman
+from .scoring import HeadProfile
+
+
+def entropy_matrix(url: str, storage_options: dict | None = None) -> tuple[pl.DataFrame, np.ndarray, list, list]:
+    """Candidates joined with their entropies: (frame with query_id, cand_idx, iou; E (M, 4, L, H))."""
+    cands = read_table(url, "candidates", storage_options)
+    attn = read_table(url, "attention", storage_options)
+    if attn.height == 0:
+        raise ValueError(f"{url}: the attention table is empty (was the run made with --capture none?)")
+    layers, heads = attn["layers"][0].to_list(), attn["heads"][0].to_list()
+    joined = (attn.select("query_id", "cand_idx", "entropy")
+              .join(cands.select("query_id", "cand_idx", "iou", "status"), on=["query_id", "cand_idx"])
+              .filter((pl.col("status") == "ok") & pl.col("iou").is_not_null()))
+    if joined.height == 0:
+        raise ValueError(f"{url}: no candidate has both a box and a ground-truth IoU; calibrate needs a "
+                         "run with ground truth (e.g. --coco)")
+    ent = np.stack(joined["entropy"].to_numpy()).reshape(joined.height, 4, len(layers), len(heads))
+    return joined.drop("entropy"), ent, layers, heads
+
+
+def rank_heads_by_entropy(frame: pl.DataFrame, ent: np.ndarray) -> np.ndarray:
+    """(L, H) mean within-query Spearman of -entropy vs IoU."""
+    groups = frame["query_id"].to_numpy()
+    iou = frame["iou"].to_numpy()
+    mean_ent = ent.mean(1)  # over the 4 coordinate tokens: (M, L, H)
+    _, nl, nh = mean_ent.shape
+    out = np.full((nl, nh), np.nan)
+    for l in range(nl):
+        for h in range(nh):
+            out[l, h] = mean_within_group_spearman(-mean_ent[:, l, h], iou, groups)
+    return out
+
+
+def layer_curves(frame: pl.DataFrame, ent: np.ndarray) -> dict:
+    """Mean entropy per layer (over heads and coordinates) for high-, low- and zero-IoU candidates,
+    the paper's figure: the gap between high and zero IoU shows where attention knows."""
+    iou = frame["iou"].to_numpy()
+    per_layer = ent.mean((1, 3))  # (M, L)
+    groups = {"high (IoU >= 0.5)": iou >= 0.5, "low (0 < IoU < 0.5)": (iou > 0) & (iou < 0.5),
+              "zero (IoU = 0)": iou == 0}
+    return {name: {"n": int(m.sum()), "mean_entropy": per_layer[m].mean(0).tolist() if m.any() else None}
+            for name, m in groups.items()}
+
+
+def calibrate(url: str, model_id: str, k: int = 8, storage_options: dict | None = None) -> tuple[HeadProfile, dict]:
+    frame, ent, layers, heads = entropy_matrix(url, storage_options)
+    rho = rank_heads_by_entropy(frame, ent)
+    order = np.argsort(np.where(np.isfinite(rho), -rho, np.inf), axis=None)
+    top = [(int(layers[i // len(heads)]), int(heads[i % len(heads)])) for i in order[:k]
+           if np.isfinite(rho.flat[i])]
+    if not top:
+        raise ValueError(f"{url}: no query has candidates with different IoUs; nothing to calibrate on")
+    n_queries = frame["query_id"].n_unique()
+    meta = {"source": url, "k": k, "candidates": frame.height, "queries": n_queries,
+            "spearman": {f"{l},{h}": float(rho[layers.index(l), heads.index(h)]) for l, h in top},
+            "best_spearman": float(np.nanmax(rho)), "median_spearman": float(np.nanmedian(rho)),
+            "spearman_by_head": np.round(rho, 4).tolist(), "layers": layers, "heads": heads,
+            "layer_curves": layer_curves(frame, ent)}
+    return HeadProfile(model_id, top, "entropy-spearman", meta), meta
+
+
+def saliency_profile(url: str, regressor_dir: str, model_id: str, k: int = 8,
+                     storage_options: dict | None = None) -> HeadProfile:
+    """The paper's variant: heads whose maps the regressor's prediction is most sensitive to."""
+    import torch
+
+    from .regressor import load_regressor
+
+    attn = read_table(url, "attention", storage_options)
+    if "maps" not in attn.columns or attn["maps"].null_count() == attn.height:
+        raise ValueError(f"{url}: needs pooled maps (label with --dump-maps)")
+    layers, heads = attn["layers"][0].to_list(), attn["heads"][0].to_list()
+    model, meta = load_regressor(regressor_dir, len(layers), len(heads))
+    g = meta["grid"]
+    maps = torch.tensor(np.stack(attn.filter(pl.col("maps").is_not_null())["maps"].to_numpy()).astype(np.float32))
+    maps = maps.reshape(-1, 4, len(layers), len(heads), g, g).requires_grad_(True)
+    model(maps).sum().backward()
+    sal = maps.grad.abs().mean((0, 1, 4, 5)).numpy()  # (L, H)
+    order = np.argsort(-sal, axis=None)[:k]
+    top = [(int(layers[i // len(heads)]), int(heads[i % len(heads)])) for i in order]
+    return HeadProfile(model_id, top, "regressor-saliency",
+                       {"source": url, "regressor": regressor_dir, "saliency_by_head": sal.round(6).tolist()})
