@@ -57,3 +57,92 @@ def selector_rows(boxes: pl.DataFrame, cands: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema={"query_id": pl.String, "size_bucket": pl.String, "cand_idx": pl.Int32,
                                     "iou": pl.Float64, "selector": pl.String})
     return pl.concat(frames, how="vertical_relaxed")
+
+
+def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_options: dict | None = None):
+    """Ground truth from a COCO file for runs made without it (manifest or shard inputs): matched on
+    (image id or file stem, category name); only single-instance pairs, as in METHOD.md."""
+    import json
+
+    from .inputs import list_coco
+    from .metrics import box_iou, size_bucket
+
+    with fsspec.open(gt_json, "r", **(storage_options or {})) as f:
+        json.load(f)  # fail early with the file's own error if it is not JSON
+    gts = list_coco(gt_json, "", storage_options)
+    table = {}
+    for q in gts:
+        if q.get("pre_status"):
+            continue
+        stem = posixpath.splitext(posixpath.basename(q["image_uri"] or ""))[0]
+        for key in (q["image_id"], stem):
+            table[(str(key), q["category"])] = q
+    rows = []
+    for r in boxes.select("query_id", "image_id", "image_uri", "category").iter_rows(named=True):
+        stem = posixpath.splitext(posixpath.basename((r["image_uri"] or "").split("#")[-1]))[0]
+        q = table.get((str(r["image_id"]), r["category"])) or table.get((stem, r["category"]))
+        if q:
+            area = q["gt_area"] or (q["gt_x2"] - q["gt_x1"]) * (q["gt_y2"] - q["gt_y1"])
+            rows.append({"query_id": r["query_id"], "gt_x1": q["gt_x1"], "gt_y1": q["gt_y1"], "gt_x2": q["gt_x2"],
+                         "gt_y2": q["gt_y2"], "gt_area": area, "size_bucket": str(size_bucket(area))})
+    gt = pl.DataFrame(rows, schema={"query_id": pl.String, "gt_x1": pl.Float64, "gt_y1": pl.Float64,
+                                    "gt_x2": pl.Float64, "gt_y2": pl.Float64, "gt_area": pl.Float64,
+                                    "size_bucket": pl.String})
+    boxes = boxes.drop("gt_x1", "gt_y1", "gt_x2", "gt_y2", "gt_area", "size_bucket").join(gt, on="query_id", how="left")
+    c = cands.join(gt.select("query_id", "gt_x1", "gt_y1", "gt_x2", "gt_y2"), on="query_id", how="left")
+    pred = c.select("x1", "y1", "x2", "y2").to_numpy().astype(float)
+    g = c.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").to_numpy().astype(float)
+    import numpy as np
+
+    ious = np.array([box_iou(pred[i:i + 1], g[i:i + 1])[0, 0] if np.isfinite(g[i]).all() else np.nan
+                     for i in range(len(c))])
+    cands = c.drop("gt_x1", "gt_y1", "gt_x2", "gt_y2").with_columns(
+        pl.Series("iou", ious).fill_nan(None))
+    return boxes, cands
+
+
+def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | None = None) -> dict:
+    """Everything `acs evaluate` reports; JSON-serialisable."""
+    import numpy as np
+
+    from .metrics import coco_ap, pearson, reliability, selector_table, spearman, xyxy_to_xywh
+
+    boxes, cands = load_tables(url, storage_options)
+    if gt_json:
+        boxes, cands = attach_gt(boxes, cands, gt_json, storage_options)
+    out: dict = {"run": url, "queries": boxes.height, "candidates": cands.height,
+                 "status": dict(boxes.group_by("status").len().iter_rows())}
+    with_gt = boxes.filter(pl.col("gt_x1").is_not_null())
+    out["queries_with_gt"] = with_gt.height
+    if with_gt.height == 0:
+        out["note"] = "no ground truth: pass --gt COCO_JSON to evaluate"
+        return out
+    rows = selector_rows(with_gt, cands)
+    out["table"] = selector_table(rows)
+    out["selectors"] = sorted(rows["selector"].unique().to_list())
+    ok = cands.filter(pl.col("status") == "ok")
+    # The regressor's quality, where one scored the run.
+    if "score_acs_learned" in ok.columns and ok["score_acs_learned"].drop_nulls().drop_nans().len() > 1:
+        v = ok.filter(pl.col("score_acs_learned").is_not_null() & pl.col("iou").is_not_null())
+        p, t = v["score_acs_learned"].to_numpy(), v["iou"].to_numpy()
+        out["regressor"] = {"pearson": pearson(p, t), "spearman": spearman(p, t), "n": int(len(p)),
+                            "reliability": reliability(p, t)}
+    # No-box share of sampled candidates (diversity without garbage).
+    out["no_box_share"] = {
+        "greedy": float((cands.filter(pl.col("cand_idx") == 0)["status"] != "ok").mean()),
+        "sampled": float((cands.filter(pl.col("cand_idx") > 0)["status"] != "ok").mean())
+        if cands.filter(pl.col("cand_idx") > 0).height else None}
+    # COCO AP of the selected boxes, the confidence as score (auto-label quality).
+    cat_ids = {c: i + 1 for i, c in enumerate(sorted(with_gt["category"].unique().to_list()))}
+    img_ids = {c: i + 1 for i, c in enumerate(sorted(with_gt["image_id"].cast(pl.String).unique().to_list()))}
+    det = with_gt.filter(pl.col("x1").is_not_null())
+    gt_xyxy = with_gt.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").to_numpy().astype(float)
+    det_xyxy = det.select("x1", "y1", "x2", "y2").to_numpy().astype(float)
+    out["coco_ap"] = coco_ap(
+        xyxy_to_xywh(gt_xyxy), [img_ids[str(i)] for i in with_gt["image_id"]],
+        [cat_ids[c] for c in with_gt["category"]], with_gt["gt_area"].to_numpy(),
+        xyxy_to_xywh(det_xyxy) if det.height else np.zeros((0, 4)), [img_ids[str(i)] for i in det["image_id"]],
+        [cat_ids[c] for c in det["category"]],
+        det["confidence"].fill_null(0.0).to_numpy() if det.height else np.zeros(0))
+    out["coco_ap"]["selector"] = boxes["selector"].drop_nulls()[0] if boxes.height else None
+    return out

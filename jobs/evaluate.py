@@ -1,0 +1,48 @@
+"""`acs evaluate OUT [--gt COCO_JSON]`: per-selector x size-bucket metrics of a labelled run.
+
+Writes OUT/eval.json and prints a markdown table. Selectors are columns of candidates/, so this
+re-scores without running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="acs evaluate", description=__doc__)
+    ap.add_argument("run", help="output prefix of a labelled run (local or fsspec URL)")
+    ap.add_argument("--gt", default=None, help="COCO annotation JSON, for runs labelled without ground truth")
+    ap.add_argument("--markdown", default=None, help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+
+    from pipeline.evaluate import evaluate_run
+    from pipeline.metrics import format_table
+    from pipeline.storage import Output
+
+    result = evaluate_run(args.run, args.gt)
+    if "table" not in result:
+        print(f"acs evaluate: {result.get('note')}", file=sys.stderr)
+        return 2
+    Output(args.run).write_json(result, "eval.json")
+    table = format_table(result["table"])
+    print(table)
+    ap_ = result["coco_ap"]
+    print(f"\nCOCO AP of the selected boxes ({ap_['selector']}, confidence as score): "
+          f"AP {ap_['AP']:.3f}  AP50 {ap_['AP50']:.3f}  AP_small {ap_['AP_small']:.3f}")
+    if "regressor" in result:
+        r = result["regressor"]
+        print(f"regressor: Pearson r {r['pearson']:.3f}, Spearman {r['spearman']:.3f} over {r['n']} candidates; "
+              f"ECE {r['reliability']['ece']:.3f}")
+    print(f"no_box share: greedy {result['no_box_share']['greedy']:.3f}, sampled {result['no_box_share']['sampled']}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    print(f"wrote {args.run.rstrip('/')}/eval.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
