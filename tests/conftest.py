@@ -104,6 +104,12 @@ def parrot_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def parrot_box():
+    """The box the parrot model writes, in resized-input pixels."""
+    return PARROT_BOX
+
+
+@pytest.fixture(scope="session")
 def parrot_adapter(parrot_model_dir):
     from pipeline.models.base import load_adapter
 
