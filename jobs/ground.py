@@ -39,17 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.sampling import SamplingConfig
 
     try:
+        sampling = SamplingConfig(num_candidates=args.num_candidates, temperature=args.temperature,
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
         image = read_image(args.image)
-    except ImageError as e:
+        adapter = load_adapter(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        profile, regressor = default_paths(args.model, args.profile, args.regressor)
+        cfg = GroundConfig(sampling=sampling, capture=args.capture, profile_path=profile, regressor_path=regressor)
+        grounder = Grounder(adapter, cfg)
+    except (ImageError, ValueError, OSError) as e:
         print(f"acs ground: {e}", file=sys.stderr)
         return 2
-    adapter = load_adapter(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    profile, regressor = default_paths(args.model, args.profile, args.regressor)
-    cfg = GroundConfig(sampling=SamplingConfig(num_candidates=args.num_candidates, temperature=args.temperature,
-                                               top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                               seed=args.seed),
-                       capture=args.capture, profile_path=profile, regressor_path=regressor)
-    result = Grounder(adapter, cfg).ground([Query("q0", image, args.query.strip())])[0]
+    result = grounder.ground([Query("q0", image, args.query.strip())])[0]
+    if result.status == "query_error":
+        print(f"acs ground: {result.error}", file=sys.stderr)
+        return 2
     chosen = result.selected.get(args.selector)
     if args.json:
         print(json.dumps({

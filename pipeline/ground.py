@@ -97,8 +97,15 @@ class Grounder:
             self.layers, self.heads = [], []
 
     def ground(self, queries: list[Query]) -> list[QueryResult]:
-        if not queries:
-            return []
+        """Results in the order of `queries`; unusable query texts fail alone (`query_error`)."""
+        bad = {i: self.adapter.check_query(q.category) for i, q in enumerate(queries)}
+        bad = {i: e for i, e in bad.items() if e}
+        good = [q for i, q in enumerate(queries) if i not in bad]
+        done = iter(self._ground(good) if good else [])
+        return [QueryResult(q.query_id, "query_error", bad[i], [], {}) if i in bad else next(done)
+                for i, q in enumerate(queries)]
+
+    def _ground(self, queries: list[Query]) -> list[QueryResult]:
         ad, cfg = self.adapter, self.cfg
         t0 = time.perf_counter()
         enc = ad.encode([q.image for q in queries], [q.category for q in queries])

@@ -70,6 +70,8 @@ def rows_for_query(meta: dict, result: QueryResult | None, *, selector: str, k: 
         if area is None or not math.isfinite(area):
             area = (gt[2] - gt[0]) * (gt[3] - gt[1])
         box_row["size_bucket"] = str(size_bucket(float(area)))
+    if result is not None and not result.candidates:  # failed inside the grounder (e.g. query_error)
+        status, error, result = result.status, result.error, None
     if result is None:
         box_row.update(status=status or "model_error", error=error)
         cands = [{"query_id": meta["query_id"], "cand_idx": c, "text": None, "status": "missing",

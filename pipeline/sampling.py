@@ -27,6 +27,14 @@ class SamplingConfig:
     max_new_tokens: int = 48
     seed: int = 0
 
+    def __post_init__(self):
+        if self.num_candidates < 0:
+            raise ValueError(f"num_candidates must be >= 0 (0 = greedy only), got {self.num_candidates}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
 
 @dataclass
 class Generation:

@@ -44,8 +44,6 @@ def test_unsupported_model_type(llama_dir, tiny_adapter):
         load_adapter(str(llama_dir), device="cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="family_of relies on pipeline.models.qwen2_5_vl having been imported "
-                                       "(registration happens only inside load_adapter)")
 def test_family_of_in_fresh_process(tiny_model_dir):
     code = ("from pipeline.models.base import family_of; import sys; "
             "print(family_of(sys.argv[1]))")

@@ -115,6 +115,14 @@ def test_ground_capture_modes(parrot_adapter, queries):
         Grounder(parrot_adapter, GroundConfig(capture="some"))
 
 
+def test_ground_special_token_text_in_query(parrot_adapter, queries):
+    bad = Query("bad", queries[1].image, "red <|image_pad|> circle")
+    results = Grounder(parrot_adapter, CFG).ground([queries[0], bad])
+    assert [r.query_id for r in results] == ["q0", "bad"]
+    assert results[0].status == "ok"
+    assert results[1].status == "query_error" and "<|image_pad|>" in results[1].error
+
+
 def test_ground_empty_batch(parrot_adapter):
     assert Grounder(parrot_adapter, CFG).ground([]) == []
 
@@ -170,6 +178,26 @@ def test_cli_table(image_path, parrot_model_dir, capsys):
     assert rc == 0
     assert "status=ok" in out and "selected by greedy: candidate 0:" in out
     assert out.count("\n") == 5  # header, column names, 2 candidates, selection
+
+
+def _exit_code(argv):
+    from jobs.ground import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse errors
+        return e.code
+
+
+def test_cli_negative_num_candidates(image_path, parrot_model_dir, capsys):
+    argv = [str(image_path), "--query", "red circle", "--model", str(parrot_model_dir), "--num-candidates", "-1"]
+    assert _exit_code(argv) == 2
+
+
+def test_cli_missing_model(image_path, tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert _exit_code([str(image_path), "--query", "red circle", "--model", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("query", ["", "   "])

@@ -52,6 +52,18 @@ class Adapter:
         self.model_id = model_id
 
     # ---- text -------------------------------------------------------------------------------
+    def check_query(self, category: str) -> str | None:
+        """Why a query text cannot be put in this family's prompt, or None."""
+        from ..inputs import check_query_text
+
+        bad = check_query_text(category)
+        if bad:
+            return bad
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t in category]
+        if specials:
+            return f"query text contains the model's special token(s) {specials}"
+        return None
+
     def prompt(self, category: str) -> str:
         return PROMPT.format(category=category) + " " + self.box_instruction(category)
 
@@ -136,7 +148,16 @@ def organism_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """`organism` -> the shipped checkpoint; a local directory or hub id is returned as is."""
+    """`organism` -> the shipped checkpoint; a local directory or hub id is returned as is.
+
+    Something that can only be a local path (absolute, relative with ./ or ~, or more than one
+    slash) must exist: otherwise the hub client would answer with a confusing repo-id error.
+    """
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {model} does not exist")
+        return path
     if model == "organism":
         path = organism_dir()
         if not (path / "config.json").exists():
@@ -148,6 +169,8 @@ def resolve_model(model: str) -> str:
 
 def family_of(model: str, trust_remote_code: bool = False) -> str:
     from transformers import AutoConfig
+
+    from . import qwen2_5_vl  # noqa: F401  (registers the family; the registry is filled on import)
 
     cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     family = MODEL_TYPES.get(cfg.model_type)
@@ -164,8 +187,6 @@ def load_adapter(model: str = "organism", device: str | None = None, dtype: str 
     `HF_HUB_OFFLINE=1` is honoured by transformers itself; weights load only from safetensors.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from . import qwen2_5_vl  # noqa: F401  (registers the family)
 
     path = resolve_model(model)
     family = family_of(path, trust_remote_code)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduce docs/results.md: fit the head profile and the regressor on shapes train/calib only,
+# then report on shapes/test and shapes-shift/test (transfer). Sizes are arguments so a quick
+# check and the full run share one script.
+#   bash benchmarks/results.sh [N_TRAIN_IMAGES] [N_CALIB_IMAGES] [N_TEST_IMAGES] [OUT]
+set -euo pipefail
+NTRAIN=${1:-120}; NCALIB=${2:-60}; NTEST=${3:-100}; OUT=${4:-out/results}
+MODEL=${MODEL:-organism}; N=${N:-10}; T=${TEMPERATURE:-1.0}
+ACS="python -m jobs.cli"
+mkdir -p "$OUT"
+for spec in "shapes train $NTRAIN" "shapes calib $NCALIB" "shapes test $NTEST" "shapes-shift test $NTEST"; do
+  set -- $spec
+  [ -f "$OUT/data/$1-$2/annotations.json" ] || $ACS make-synthetic --out "$OUT/data/$1-$2" --variant "$1" --split "$2" --n "$3" --seed 0
+done
+label() {  # label DATA RUN [extra args]
+  local data=$1 run=$2; shift 2
+  $ACS label --coco "$OUT/data/$data/annotations.json" --images "$OUT/data/$data" --output "$OUT/runs/$run" \
+    --model "$MODEL" --num-candidates "$N" --temperature "$T" --no-progress --shard-size 128 "$@"
+}
+# 1. train/calib runs with pooled maps (no profile/regressor yet: default profile)
+label shapes-train train --dump-maps --selector acs-free --profile "" --regressor ""
+label shapes-calib calib --dump-maps --selector acs-free --profile "" --regressor ""
+# 2. fit on train/calib only
+$ACS calibrate "$OUT/runs/calib" --output "$OUT/head_profile.json"
+$ACS train-regressor "$OUT/runs/train" --calib "$OUT/runs/calib" --output "$OUT/regressor"
+$ACS calibrate "$OUT/runs/calib" --method saliency --regressor "$OUT/regressor" --output "$OUT/head_profile_saliency.json"
+# 3. test on both variants with the fitted profile and regressor
+for data in shapes-test shapes-shift-test; do
+  label "$data" "$data" --profile "$OUT/head_profile.json" --regressor "$OUT/regressor" --selector acs-learned
+  $ACS evaluate "$OUT/runs/$data" --markdown "$OUT/$data.md"
+done
