@@ -11,7 +11,7 @@ directly. Per-query failures become a status and an error on that query, never a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ class GroundConfig:
     regressor_path: str | None = None
     grid: int = 16  # pooled map size for ACS-Learned and --dump-maps
     keep_maps: bool = False  # keep pooled maps on the result (regressor training, reports)
+    adaptive: bool = False  # adaptive K: stop after round 1 when its candidates agree
+    adaptive_first: int = 4  # sampled candidates in round 1 (plus greedy)
+    adaptive_iou: float = 0.7  # agreement: every pair of round-1 boxes has at least this IoU
 
 
 @dataclass
@@ -106,17 +109,50 @@ class Grounder:
                 for i, q in enumerate(queries)]
 
     def _ground(self, queries: list[Query]) -> list[QueryResult]:
-        ad, cfg = self.adapter, self.cfg
+        cfg = self.cfg
+        n = cfg.sampling.num_candidates
+        t0 = time.perf_counter()
+        timing = {"encode_s": 0.0, "sample_s": 0.0, "capture_s": 0.0}
+        if cfg.adaptive and 0 < cfg.adaptive_first < n:
+            # Round 1: greedy + m samples. Queries whose candidates already agree stop there (large,
+            # easy objects); the others get the remaining N - m samples in round 2.
+            first = replace(cfg.sampling, num_candidates=cfg.adaptive_first)
+            cands, maps, tokens, enc = self._round(queries, first, True, "", timing)
+            todo = [i for i, cs in enumerate(cands) if not _agree(cs, cfg.adaptive_iou)]
+            if todo:
+                rest = replace(cfg.sampling, num_candidates=n - cfg.adaptive_first)
+                c2, m2, t2, _ = self._round([queries[i] for i in todo], rest, False, "#round2", timing,
+                                            first_idx=cfg.adaptive_first + 1)
+                for j, i in enumerate(todo):
+                    cands[i] += c2[j]
+                    maps[i] += m2[j]
+                    tokens[i] += t2[j]
+            for i, cs in enumerate(cands):
+                for c in range(len(cs), n + 1):  # keep N+1 rows per query: status says why
+                    cs.append(Candidate(c, None, "skipped", "not sampled: the first candidates agreed (adaptive K)",
+                                        None, False, float("nan"), 0))
+                    maps[i].append(None)
+        else:
+            cands, maps, tokens, enc = self._round(queries, cfg.sampling, True, "", timing)
+        t3 = time.perf_counter()
+        results = [self._query_result(q, cands[qi], maps[qi], enc.grids[qi], enc.orig_sizes[qi])
+                   for qi, q in enumerate(queries)]
+        timing["score_s"] = time.perf_counter() - t3
+        for res, toks in zip(results, tokens):
+            res.timings = {k_: v / len(queries) for k_, v in timing.items()}
+            res.timings["generated_tokens"] = toks
+        return results
+
+    def _round(self, queries, sampling: SamplingConfig, greedy: bool, salt: str, timing: dict, first_idx: int = 0):
+        """Sample, parse and capture one round; per query: candidates, full maps, generated tokens."""
+        ad = self.adapter
         t0 = time.perf_counter()
         enc = ad.encode([q.image for q in queries], [q.category for q in queries])
         t1 = time.perf_counter()
-        gen = sample(ad, enc, cfg.sampling, [q.query_id for q in queries])
+        gen = sample(ad, enc, sampling, [q.query_id + salt for q in queries], greedy=greedy)
         t2 = time.perf_counter()
         k = gen.k
-        parsed = []
-        for r, toks in enumerate(gen.tokens):
-            qi = r // k
-            parsed.append(ad.parse(toks, enc.input_sizes[qi], enc.orig_sizes[qi]))
+        parsed = [ad.parse(toks, enc.input_sizes[r // k], enc.orig_sizes[r // k]) for r, toks in enumerate(gen.tokens)]
         wanted = [sorted({i for span in p.coord_tokens for i in span}) if p.box is not None else []
                   for _, p in parsed]
         maps = [None] * len(parsed)
@@ -124,45 +160,48 @@ class Grounder:
             head_idx = torch.tensor(self.heads, device=ad.model.device)
             maps = capture_rows(ad, enc, gen, wanted, self.layers, head_idx)
         t3 = time.perf_counter()
-        results = [self._query_result(q, qi, enc, gen, parsed, wanted, maps) for qi, q in enumerate(queries)]
-        t4 = time.perf_counter()
-        per_query = {"encode_s": t1 - t0, "sample_s": t2 - t1, "capture_s": t3 - t2, "score_s": t4 - t3}
-        for res in results:
-            res.timings = {k_: v / len(queries) for k_, v in per_query.items()}
-            res.timings["generated_tokens"] = gen.n_generated / len(queries)
-        return results
+        timing["encode_s"] += t1 - t0
+        timing["sample_s"] += t2 - t1
+        timing["capture_s"] += t3 - t2
+        out_c, out_m, out_t = [], [], []
+        for qi in range(len(queries)):
+            gh, gw = enc.grids[qi]
+            cs, ms = [], []
+            for c in range(k):
+                r = qi * k + c
+                cand, m = self._candidate(first_idx + c, parsed[r], gen.tokens[r], gen.logprobs[r], wanted[r],
+                                          maps[r], gh, gw)
+                cs.append(cand)
+                ms.append(m)
+            out_c.append(cs)
+            out_m.append(ms)
+            out_t.append(sum(min(len(gen.tokens[qi * k + c]) + 1, sampling.max_new_tokens) for c in range(k)))
+        return out_c, out_m, out_t, enc
+
+    def _candidate(self, idx, parsed, tokens, logprobs, wanted, rows, gh, gw):
+        text, p = parsed
+        coord_lp = [logprobs[i] for i in wanted if i < len(logprobs)]
+        cand = Candidate(cand_idx=idx, text=text, status="ok" if p.box is not None else "no_box", error=p.error,
+                         box=p.box, box_fixed=p.box_fixed,
+                         mean_logprob=float(np.mean(coord_lp)) if coord_lp else float("nan"), n_tokens=len(tokens))
+        if rows is None:
+            return cand, None
+        # Rows -> the 4 coordinates: a coordinate spelled by several tokens averages them.
+        pos = {tok: j for j, tok in enumerate(wanted)}
+        m = torch.stack([rows[[pos[t] for t in span]].mean(0) for span in p.coord_tokens])
+        m = m.reshape(4, len(self.layers), len(self.heads), gh, gw)  # (4, L, H, gh, gw)
+        cand.entropy = _entropy(m).numpy()
+        if self.cfg.keep_maps or self.regressor is not None:
+            cand.pooled = torch.nn.functional.adaptive_avg_pool2d(
+                m.reshape(-1, 1, gh, gw), self.cfg.grid).reshape(
+                4, len(self.layers), len(self.heads), self.cfg.grid, self.cfg.grid).numpy()
+        return cand, m
 
     # ---- per query ------------------------------------------------------------------------------
-    def _query_result(self, q: Query, qi: int, enc, gen, parsed, wanted, maps) -> QueryResult:
-        k = gen.k
-        gh, gw = enc.grids[qi]
-        oh, ow = enc.orig_sizes[qi]
-        cands: list[Candidate] = []
-        full_maps = []
-        for c in range(k):
-            r = qi * k + c
-            text, p = parsed[r]
-            lps = gen.logprobs[r]
-            coord_lp = [lps[i] for i in wanted[r] if i < len(lps)]
-            cand = Candidate(
-                cand_idx=c, text=text, status="ok" if p.box is not None else "no_box", error=p.error,
-                box=p.box, box_fixed=p.box_fixed,
-                mean_logprob=float(np.mean(coord_lp)) if coord_lp else float("nan"),
-                n_tokens=len(gen.tokens[r]))
-            m = None
-            if maps[r] is not None:
-                # Rows -> the 4 coordinates: a coordinate spelled by several tokens averages them.
-                pos = {tok: j for j, tok in enumerate(wanted[r])}
-                m = torch.stack([maps[r][[pos[t] for t in span]].mean(0) for span in p.coord_tokens])
-                m = m.reshape(4, len(self.layers), len(self.heads), gh, gw)  # (4, L, H, gh, gw)
-                cand.entropy = _entropy(m).numpy()
-                if self.cfg.keep_maps or self.regressor is not None:
-                    cand.pooled = torch.nn.functional.adaptive_avg_pool2d(
-                        m.reshape(-1, 1, gh, gw), self.cfg.grid).reshape(
-                        4, len(self.layers), len(self.heads), self.cfg.grid, self.cfg.grid).numpy()
-            full_maps.append(m)
-            cands.append(cand)
-
+    def _query_result(self, q: Query, cands: list[Candidate], full_maps: list, grid_hw, orig_hw) -> QueryResult:
+        k = len(cands)
+        gh, gw = grid_hw
+        oh, ow = orig_hw
         boxes = np.array([c.box if c.box is not None else (np.nan,) * 4 for c in cands], dtype=np.float64)
         arrays = QueryArrays(boxes=boxes, mean_logprob=np.array([c.mean_logprob for c in cands]),
                              gt=np.array(q.gt, dtype=np.float64) if q.gt is not None else None,
@@ -229,3 +268,11 @@ class Grounder:
 def _entropy(m: torch.Tensor) -> torch.Tensor:
     p = m.flatten(-2)
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+def _agree(cands: list[Candidate], thr: float) -> bool:
+    boxes = [c.box for c in cands]
+    if any(b is None for b in boxes):
+        return False
+    iou = box_iou(np.array(boxes), np.array(boxes))
+    return bool(iou.min() >= thr)

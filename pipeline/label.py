@@ -38,6 +38,9 @@ class LabelConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per candidate at most"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per-query generators derive from it)"})
+    adaptive: bool = field(default=False, metadata={"help": "adaptive K: sample greedy + m first; stop when they agree"})
+    adaptive_first: int = field(default=4, metadata={"help": "adaptive K: sampled candidates in the first round (m)"})
+    adaptive_iou: float = field(default=0.7, metadata={"help": "adaptive K: agreement = every pairwise IoU >= this"})
     capture: str = field(default="all", metadata={"help": "attention capture: all | profile | none"})
     profile: str | None = field(default=None, metadata={"help": "ACS-Free head profile JSON"})
     regressor: str | None = field(default=None, metadata={"help": "ACS-Learned regressor directory"})
@@ -180,7 +183,8 @@ def run_label(cfg: LabelConfig) -> dict:
             sampling=SamplingConfig(num_candidates=cfg.num_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
             capture=cfg.capture, profile_path=profile, regressor_path=regressor, grid=cfg.grid,
-            keep_maps=cfg.dump_maps)
+            keep_maps=cfg.dump_maps, adaptive=cfg.adaptive, adaptive_first=cfg.adaptive_first,
+            adaptive_iou=cfg.adaptive_iou)
         # The listing rows are small (no image bytes); blocks of ~a batch keep all actors busy.
         ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), len(pending) // cfg.batch_size)))
         ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy",

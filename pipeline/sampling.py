@@ -70,9 +70,11 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list[str]) -> Generation:
+def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list[str],
+           greedy: bool = True) -> Generation:
+    """K = N + 1 rows per query (row 0 greedy), or K = N sampled rows with `greedy=False`."""
     model = adapter.model
-    k = cfg.num_candidates + 1
+    k = cfg.num_candidates + (1 if greedy else 0)
     nq = len(query_keys)
     out = model(**enc.inputs, use_cache=True)  # prefill: vision tower + prompt, once per query
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
@@ -86,7 +88,7 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     eos = torch.tensor(adapter.eos_token_ids, device=logits.device)
     rows = nq * k
     done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
-    is_greedy = (torch.arange(rows, device=logits.device) % k) == 0
+    is_greedy = ((torch.arange(rows, device=logits.device) % k) == 0) & greedy
     tokens = torch.full((rows, cfg.max_new_tokens), adapter.pad_token_id, dtype=torch.long,
                         device=logits.device)
     logps = torch.zeros(rows, cfg.max_new_tokens, device=logits.device)

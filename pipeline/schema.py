@@ -22,6 +22,7 @@ CANDIDATE_STATUS = {
     "ok": "a box was parsed (possibly reordered/clamped: see box_fixed)",
     "no_box": "no well-formed box in the text (kept in `text`)",
     "missing": "no candidate was generated because the query failed before sampling",
+    "skipped": "not sampled: adaptive K stopped early because the first candidates agreed",
 }
 
 # One score column per selector; `score_<name>` with '-' as '_'. Higher is better for all.

@@ -123,6 +123,21 @@ def test_ground_special_token_text_in_query(parrot_adapter, queries):
     assert results[1].status == "query_error" and "<|image_pad|>" in results[1].error
 
 
+def test_ground_adaptive_k(parrot_adapter, queries, results):
+    """Agreeing first-round candidates stop sampling; rows stay N+1 with status `skipped`."""
+    cfg = GroundConfig(sampling=CFG.sampling, adaptive=True, adaptive_first=2, adaptive_iou=0.5)
+    adaptive = Grounder(parrot_adapter, cfg).ground(queries)
+    for full, res in zip(results, adaptive):
+        assert [c.cand_idx for c in res.candidates] == list(range(CFG.sampling.num_candidates + 1))
+        first = res.candidates[:3]
+        agreed = all(c.box is not None for c in first) and res.candidates[3].status == "skipped"
+        if agreed:
+            assert all(c.status == "skipped" and c.box is None for c in res.candidates[3:])
+            assert res.timings["generated_tokens"] < full.timings["generated_tokens"]
+        assert res.candidates[0].box == full.candidates[0].box  # greedy does not depend on K
+    assert any(r.candidates[-1].status == "skipped" for r in adaptive), "the parrot's boxes should agree"
+
+
 def test_ground_empty_batch(parrot_adapter):
     assert Grounder(parrot_adapter, CFG).ground([]) == []
 
