@@ -19,7 +19,8 @@ from .scoring import HeadProfile
 def entropy_matrix(url: str, storage_options: dict | None = None) -> tuple[pl.DataFrame, np.ndarray, list, list]:
     """Candidates joined with their entropies: (frame with query_id, cand_idx, iou; E (M, 4, L, H))."""
     cands = read_table(url, "candidates", storage_options)
-    attn = read_table(url, "attention", storage_options)
+    attn = read_table(url, "attention", storage_options,
+                      columns=["query_id", "cand_idx", "layers", "heads", "entropy"])
     if attn.height == 0:
         raise ValueError(f"{url}: the attention table is empty (was the run made with --capture none?)")
     layers, heads = attn["layers"][0].to_list(), attn["heads"][0].to_list()

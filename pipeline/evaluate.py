@@ -7,7 +7,6 @@ whose selector chose nothing counts as IoU 0: failures stay in the denominator.
 
 from __future__ import annotations
 
-import io
 import posixpath
 
 import fsspec
@@ -18,14 +17,16 @@ import pyarrow.parquet as pq
 from .schema import BOXES_SCHEMA, CANDIDATES_SCHEMA, SELECTOR_COLUMNS
 
 
-def read_table(url: str, name: str, storage_options: dict | None = None, schema: pa.Schema | None = None) -> pl.DataFrame:
+def read_table(url: str, name: str, storage_options: dict | None = None, schema: pa.Schema | None = None,
+               columns: list[str] | None = None) -> pl.DataFrame:
+    """All files of one table; `columns` projects (pooled maps are large: read them only when needed)."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     d = posixpath.join(root.rstrip("/"), name)
     files = sorted(p for p in (fs.ls(d, detail=False) if fs.exists(d) else []) if p.endswith(".parquet"))
     tables = []
     for p in files:
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())))
+            tables.append(pq.read_table(f, columns=columns))
     if not tables:
         return pl.from_arrow(schema.empty_table()) if schema is not None else pl.DataFrame()
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
