@@ -1,0 +1,85 @@
+"""Re-scoring, calibration and exports on the hand-made run of test_report (no model involved)."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from pycocotools.coco import COCO
+
+from test_report import HEADS, LAYERS, QUERIES, make_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("eval"), dump_maps=True, learned=True)
+
+
+def test_selector_rows_follow_score_columns(run):
+    from pipeline.evaluate import load_tables, selector_rows
+
+    boxes, cands = load_tables(str(run))
+    rows = selector_rows(boxes, cands)
+    # Ground-truth queries only (q-nogt has none), one row per selector each.
+    gt_queries = {q for q, v in QUERIES.items() if v[0] is not None}
+    assert set(rows["query_id"]) == gt_queries
+    free = {r["query_id"]: r["cand_idx"] for r in rows.filter(pl.col("selector") == "acs-free").iter_rows(named=True)}
+    assert free == {q: QUERIES[q][2] for q in gt_queries}
+    greedy = rows.filter(pl.col("selector") == "greedy")
+    assert (greedy.filter(pl.col("query_id") != "q-nobox")["cand_idx"] == 0).all()
+    # The no-box query counts as a miss for every selector, never dropped.
+    assert rows.filter(pl.col("query_id") == "q-nobox")["iou"].to_list() == [0.0] * rows["selector"].n_unique()
+
+
+def test_evaluate_run_numbers(run):
+    from pipeline.evaluate import evaluate_run
+
+    res = evaluate_run(str(run))
+    table = {(r["selector"], r["size_bucket"]): r for r in res["table"]}
+    # small bucket: q-help, q-missing, q-nobox; ACS-Free hits q-help and q-missing, greedy only q-missing.
+    assert table[("acs-free", "small")]["n"] == 3
+    assert table[("acs-free", "small")]["acc50"] == pytest.approx(2 / 3)
+    assert table[("greedy", "small")]["acc50"] == pytest.approx(1 / 3)
+    assert table[("acs-free", "small")]["gain_acc50_vs_greedy"] == pytest.approx(1.0)
+    assert table[("oracle", "all")]["acc50"] >= table[("acs-free", "all")]["acc50"]
+    # ACS-Learned scores are IoU + 0.1 clipped: perfectly rank-correlated, calibrated within 0.1.
+    assert res["regressor"]["spearman"] == pytest.approx(1.0)
+    assert res["regressor"]["reliability"]["ece"] <= 0.1 + 1e-9
+    assert 0.0 <= res["coco_ap"]["AP"] <= 1.0
+    assert res["queries"] == len(QUERIES) and res["queries_with_gt"] == len(QUERIES) - 1
+
+
+def test_calibrate_prefers_sharp_heads(run, tmp_path):
+    from pipeline.calibrate import calibrate
+    from pipeline.scoring import HeadProfile
+
+    profile, meta = calibrate(str(run), "tiny-test", k=3)
+    # entropy falls with IoU on every head, so every head orders candidates perfectly within queries
+    assert meta["best_spearman"] == pytest.approx(1.0)
+    assert len(profile.heads) == 3 and all(l in LAYERS and h in HEADS for l, h in profile.heads)
+    profile.save(tmp_path / "p.json")
+    assert HeadProfile.load(tmp_path / "p.json").heads == profile.heads
+    curves = meta["layer_curves"]
+    high, zero = curves["high (IoU >= 0.5)"]["mean_entropy"], curves["zero (IoU = 0)"]["mean_entropy"]
+    assert all(h < z for h, z in zip(high, zero))
+
+
+def test_export_coco_and_labelstudio(run, tmp_path):
+    from pipeline.export import export
+
+    n = export(str(run), "coco", str(tmp_path / "coco.json"))
+    ok = [q for q, v in QUERIES.items() if v[2] is not None]
+    assert n == len(ok)
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert len(coco.getAnnIds()) == len(ok)
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    assert ann["score"] == 0.5 and ann["bbox"][2] > 0 and ann["bbox"][3] > 0
+    assert export(str(run), "coco", str(tmp_path / "none.json"), min_confidence=0.9) == 0
+
+    m = export(str(run), "labelstudio", str(tmp_path / "ls.json"))
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    assert m == len(ok) and sum(len(t["predictions"][0]["result"]) for t in tasks) == len(ok)
+    for t in tasks:
+        for r in t["predictions"][0]["result"]:
+            v = r["value"]
+            assert 0 <= v["x"] <= 100 and 0 < v["width"] <= 100 and v["rectanglelabels"] == ["red square"]
