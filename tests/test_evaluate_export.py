@@ -42,8 +42,8 @@ def test_evaluate_run_numbers(run):
     assert table[("greedy", "small")]["acc50"] == pytest.approx(1 / 3)
     assert table[("acs-free", "small")]["gain_acc50_vs_greedy"] == pytest.approx(1.0)
     assert table[("oracle", "all")]["acc50"] >= table[("acs-free", "all")]["acc50"]
-    # ACS-Learned scores are IoU + 0.1 clipped: perfectly rank-correlated, calibrated within 0.1.
-    assert res["regressor"]["spearman"] == pytest.approx(1.0)
+    # ACS-Learned scores are IoU + 0.1 clipped: rank-correlated, calibrated within 0.1.
+    assert res["regressor"]["spearman"] > 0.99  # monotone up to the ties that clipping at 1 makes
     assert res["regressor"]["reliability"]["ece"] <= 0.1 + 1e-9
     assert 0.0 <= res["coco_ap"]["AP"] <= 1.0
     assert res["queries"] == len(QUERIES) and res["queries_with_gt"] == len(QUERIES) - 1
