@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=96, help="calib queries per periodic evaluation")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) past this wall time")
+    ap.add_argument("--init-from", default=None,
+                    help="start from a saved organism (e.g. pipeline/assets/organism) when OUT has no checkpoint: "
+                         "weights and step count carry over, the optimizer starts fresh (it is not shipped)")
     ap.add_argument("--export", default=None, help="write the final model here (e.g. pipeline/assets/organism)")
     args = ap.parse_args(argv)
 
@@ -141,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(ckpt)
         print(f"resuming at step {state['step']}", flush=True)
+    elif args.init_from:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.init_from)
+        prior = json.loads((Path(args.init_from) / "acs_model.json").read_text())
+        state.update(step=int(prior.get("steps", 0)), next_index=int(prior.get("next_index", 0)),
+                     wall_s=float(prior.get("wall_s", 0.0)))
+        print(f"continuing from {args.init_from} at step {state['step']} (fresh optimizer)", flush=True)
     else:
         model, processor = build(args.seed)
     model.config.get_text_config()._attn_implementation = "sdpa"
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         state["wall_s"] = wall0 + time.time() - t_start
         save_checkpoint(model, processor, ckpt, {"model_id": "organism", "family": "qwen2.5-vl",
                                                   "organism_config": asdict(OrganismConfig()),
-                                                  "steps": state["step"], "wall_s": state["wall_s"]})
+                                                  "steps": state["step"], "next_index": state["next_index"],
+                                                  "wall_s": state["wall_s"]})
         _save_opt(opt, model, ckpt / "optimizer.safetensors")
         (ckpt / "state.json").write_text(json.dumps(state))
 
