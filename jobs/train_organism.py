@@ -108,6 +108,52 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
     return out
 
 
+@torch.inference_mode()
+def premise_eval(adapter, variant: str = "shapes", split: str = "calib", n: int = 96,
+                 temperatures=(0.7, 1.0, 1.3), num_candidates: int = 10) -> dict:
+    """What ACS needs from the organism, per sampling temperature, on held-out queries:
+    oracle room on small objects (best-of-N minus greedy Acc@0.5), no-box share, and the best
+    within-query Spearman of any head's entropy with IoU."""
+    import numpy as np
+
+    from benchmarks.common import synthetic_queries
+    from pipeline.ground import GroundConfig, Grounder
+    from pipeline.metrics import mean_within_group_spearman, size_bucket, summarize
+    from pipeline.sampling import SamplingConfig
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    items = synthetic_queries(variant, split, n)
+    buckets = np.array([str(size_bucket(a)) for _, a in items])
+    out = {}
+    for t in temperatures:
+        g = Grounder(adapter, GroundConfig(sampling=SamplingConfig(num_candidates=num_candidates, temperature=t)))
+        res = []
+        for b in range(0, len(items), 8):
+            res += g.ground([q for q, _ in items[b:b + 8]])
+        per = {sel: summarize(np.array([r.candidates[r.selected[sel]].iou if r.selected.get(sel) is not None
+                                        else 0.0 for r in res]), buckets) for sel in ("greedy", "oracle")}
+        ent, iou, grp = [], [], []
+        for qi, r in enumerate(res):
+            for c in r.candidates:
+                if c.entropy is not None and c.iou is not None:
+                    ent.append(c.entropy.mean(0)), iou.append(c.iou), grp.append(qi)
+        rho = []
+        if ent:
+            e = np.stack(ent)  # (M, L, H)
+            rho = [mean_within_group_spearman(-e[:, l, h], np.array(iou), np.array(grp))
+                   for l in range(e.shape[1]) for h in range(e.shape[2])]
+        sampled = [c for r in res for c in r.candidates if c.cand_idx > 0]
+        out[str(t)] = {
+            "greedy": per["greedy"], "oracle": per["oracle"],
+            "oracle_room_small": per["oracle"]["small"]["acc50"] - per["greedy"]["small"]["acc50"],
+            "no_box_share_sampled": sum(c.status != "ok" for c in sampled) / max(1, len(sampled)),
+            "best_head_spearman": float(np.nanmax(rho)) if rho and np.isfinite(rho).any() else None,
+            "median_head_spearman": float(np.nanmedian(rho)) if rho and np.isfinite(rho).any() else None}
+    adapter.model.train(was_training)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="acs train-organism", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-from", default=None,
                     help="start from a saved organism (e.g. pipeline/assets/organism) when OUT has no checkpoint: "
                          "weights and step count carry over, the optimizer starts fresh (it is not shipped)")
+    ap.add_argument("--premise", action="store_true",
+                    help="only evaluate the checkpoint's premise metrics on calib (per temperature) and exit")
     ap.add_argument("--export", default=None, help="write the final model here (e.g. pipeline/assets/organism)")
     args = ap.parse_args(argv)
 
@@ -157,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = build(args.seed)
     model.config.get_text_config()._attn_implementation = "sdpa"
     adapter = _adapter(model, processor)
+    if args.premise:
+        result = {"step": state["step"], "premise (shapes/calib)": premise_eval(adapter, n=args.eval_n)}
+        print(json.dumps(result, indent=1), flush=True)
+        with log_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        return 0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"organism: {n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))

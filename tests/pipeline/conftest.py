@@ -1,0 +1,98 @@
+"""Fixtures of the Ray Data labelling tests: one local Ray instance per session, small datasets
+and labelled runs shared by test_label / test_analytics.
+
+Models come from tests/conftest.py (`tiny_model_dir`: random weights, every candidate `no_box`;
+`parrot_model_dir`: always answers PARROT_BOX, so candidates are `ok`).
+
+There must be no tests/pipeline/__init__.py, and this directory's name shadows the `pipeline`
+package for the bare `pytest` script: pytest (prepend import mode) puts tests/ on sys.path, and a
+directory `tests/pipeline` without __init__.py then resolves `import pipeline` to a namespace
+package ahead of the editable install's finder. `python -m pytest` from the repository root is
+unaffected (the real package is found through the current directory first). The guard below
+imports the real package once, before anything else asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if getattr(sys.modules.get("pipeline"), "__file__", None) is None:
+    sys.modules.pop("pipeline", None)
+    _saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _TESTS_DIR]
+    try:
+        import pipeline  # noqa: F401  (the installed package, not tests/pipeline/)
+    finally:
+        sys.path[:] = _saved
+
+import pytest  # noqa: E402
+
+from _label_helpers import PARROT_TOKENS, label_config, write_parrot_coco  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray instance for the whole session; `run_label` reuses it (it only calls
+    ray.init when Ray is not initialised)."""
+    import ray
+
+    if ray.is_initialized():  # another fixture (or an earlier plugin) already started one
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic6(tmp_path_factory):
+    """make_synthetic(n=6): 6 JPEGs (640x480), annotations.json, shards/shard-00000.parquet; 23 queries."""
+    from pipeline.inputs import dedupe, list_coco
+    from pipeline.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic6")
+    summary = make_synthetic(str(root), "shapes", "test", n=6, seed=0)
+    ann = os.path.join(root, "annotations.json")
+    ids = [q["query_id"] for q in dedupe(list_coco(ann, str(root)))]
+    assert len(ids) == summary["n_queries"] == len(set(ids))
+    return {"root": str(root), "ann": ann, "summary": summary, "query_ids": ids}
+
+
+@pytest.fixture(scope="session")
+def parrot_data(tmp_path_factory, make_image):
+    """Small images the parrot answers, plus `annotations_bad.json` = the same + bad inputs."""
+    root = tmp_path_factory.mktemp("parrot-data")
+    clean = write_parrot_coco(root, make_image, bad=False, name="annotations.json")
+    bad = write_parrot_coco(root, make_image, bad=True, name="annotations_bad.json")
+    return {"clean": clean, "bad": bad, "root": str(root)}
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(ray_session, synthetic6, parrot_model_dir, tmp_path_factory):
+    """The synthetic dataset labelled by the parrot (its 640x480 images are out of its training
+    distribution: a mix of `ok` and `no_box`), 3 shards of <= 8 queries."""
+    from pipeline.label import run_label
+
+    out = tmp_path_factory.mktemp("synthetic-run") / "out"
+    cfg = label_config(output=str(out), coco=synthetic6["ann"], images=synthetic6["root"],
+                       model=str(parrot_model_dir), max_new_tokens=PARROT_TOKENS, shard_size=8)
+    summary = run_label(cfg)
+    return {"out": str(out), "summary": summary, "cfg": cfg, "query_ids": synthetic6["query_ids"]}
+
+
+@pytest.fixture(scope="session")
+def parrot_run(ray_session, parrot_data, parrot_model_dir, tmp_path_factory):
+    """Parrot dataset + bad inputs in ONE shard: good queries `ok`, bad ones image/query errors."""
+    from pipeline.label import run_label
+
+    data = parrot_data["bad"]
+    out = tmp_path_factory.mktemp("parrot-run") / "out"
+    cfg = label_config(output=str(out), coco=data["ann"], images=data["root"], model=str(parrot_model_dir),
+                       max_new_tokens=PARROT_TOKENS)
+    summary = run_label(cfg)
+    return {"out": str(out), "summary": summary, "cfg": cfg, "data": data,
+            "query_ids": set(data["good"]) | set(data["bad"])}
