@@ -7,7 +7,6 @@ re-scores without running the model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 

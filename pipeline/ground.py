@@ -111,7 +111,6 @@ class Grounder:
     def _ground(self, queries: list[Query]) -> list[QueryResult]:
         cfg = self.cfg
         n = cfg.sampling.num_candidates
-        t0 = time.perf_counter()
         timing = {"encode_s": 0.0, "sample_s": 0.0, "capture_s": 0.0}
         if cfg.adaptive and 0 < cfg.adaptive_first < n:
             # Round 1: greedy + m samples. Queries whose candidates already agree stop there (large,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import posixpath
+from pathlib import Path
 
 import fsspec
 
@@ -28,7 +28,7 @@ def _hash(*parts) -> str:
 def join_uri(root: str, name: str) -> str:
     if "://" in name or name.startswith("/"):
         return name
-    return posixpath.join(root.rstrip("/"), name) if "://" in root else str(__import__("pathlib").Path(root) / name)
+    return posixpath.join(root.rstrip("/"), name) if "://" in root else str(Path(root) / name)
 
 
 def check_query_text(text) -> str | None:
@@ -72,12 +72,11 @@ def list_coco(ann_uri: str, images_root: str, storage_options: dict | None = Non
         key = (ann["image_id"], ann["category_id"])
         if ann["category_id"] not in cats or ann["image_id"] not in images:
             what = "category" if ann["category_id"] not in cats else "image"
-            bad.append(_query(f"{ann['image_id']}:{ann['category_id']}:ann{ann.get('id')}", ann["image_id"],
-                              None, str(ann["category_id"]),
-                              pre_status="query_error",
-                              pre_error=f"annotation {ann.get('id')} names unknown {what} id "
-                                        f"{ann['category_id'] if what == 'category' else ann['image_id']}"))
-            bad[-1].update(pre_status="query_error")
+            bad_id = ann["category_id"] if what == "category" else ann["image_id"]
+            q = _query(f"{ann['image_id']}:{ann['category_id']}:ann{ann.get('id')}", ann["image_id"], None,
+                       str(ann["category_id"]))
+            q.update(pre_status="query_error", pre_error=f"annotation {ann.get('id')} names unknown {what} id {bad_id}")
+            bad.append(q)
             continue
         by_pair.setdefault(key, []).append(ann)
     out = []
@@ -177,7 +176,3 @@ def assign_shards(queries: list[dict], shard_size: int, source_key: str) -> list
         if not q.get("shard_id"):
             q["shard_id"] = f"shard-{prefix}-{i // shard_size:05d}"
     return queries
-
-
-def _finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -236,5 +235,3 @@ def summary_text(summary: dict, out_url: str, storage_options: dict | None = Non
         lines += ["", format_table(selector_table(selector_rows(boxes, cands)))]
     return "\n".join(lines)
 
-
-__all__ = ["LabelConfig", "run_label", "summary_text", "json"]

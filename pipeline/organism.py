@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .models.tiny import build_processor, qwen25_vl_config
-from .models.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -145,12 +143,6 @@ def save_checkpoint(model, processor, out: Path, meta: dict) -> None:
     (out / "acs_model.json").write_text(json.dumps(meta, indent=2))
 
 
-def now() -> float:
-    return time.time()
-
-
-__all__ = ["OrganismConfig", "organism_configs", "init_number_embeddings", "Batcher", "training_inputs",
-           "save_checkpoint", "asdict"]
 
 
 def export_organism(ckpt_dir: str | Path, out_dir: str | Path, card: str | None = None) -> Path:

@@ -190,3 +190,13 @@ def test_s3_shards_glob_input(ray_session, s3, s3_data, tiny_model_dir):
     assert Counter(boxes["image_id"].to_list()) == Counter(q.split(":")[0] for q in s3_data["query_ids"])
     assert all(u.startswith(f"s3://{BUCKET}/data/shards/shard-00000.parquet#") for u in boxes["image_uri"].to_list())
     _assert_no_secrets(_run_json_text(s3, "out-shards", summary["run_id"]), s3)
+
+
+def test_s3_secret_not_in_ray_session_logs(coco_run, ray_session):
+    """Storage options travel to the workers inside the task arguments: never in Ray's logs."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # private API: this session's logs
+    assert logs.is_dir()
+    leaked = [str(p) for p in logs.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked
