@@ -22,6 +22,7 @@ def read_table(url: str, name: str, storage_options: dict | None = None, schema:
     """All files of one table; `columns` projects (pooled maps are large: read them only when needed)."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     d = posixpath.join(root.rstrip("/"), name)
+    fs.invalidate_cache(d)  # another process may have written files since this process last listed
     files = sorted(p for p in (fs.ls(d, detail=False) if fs.exists(d) else []) if p.endswith(".parquet"))
     tables = []
     for p in files:

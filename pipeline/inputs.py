@@ -131,8 +131,8 @@ def list_shards(url: str, storage_options: dict | None = None, categories: list[
     import pyarrow.parquet as pq
 
     fs, _, paths = fsspec.get_fs_token_paths(url, storage_options=storage_options or {})
-    if not paths and fs.isdir(url):
-        paths = sorted(p for p in fs.find(url) if p.endswith(".parquet"))
+    if len(paths) <= 1 and fs.isdir(paths[0] if paths else url):  # a folder: every Parquet file under it
+        paths = fs.find(paths[0] if paths else url)
     paths = sorted(p for p in paths if p.endswith(".parquet"))
     if not paths:
         raise FileNotFoundError(f"no Parquet shards match {url}")

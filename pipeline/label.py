@@ -178,6 +178,12 @@ def run_label(cfg: LabelConfig) -> dict:
         ctx.enable_progress_bars = cfg.progress
         ctx.execution_options.preserve_order = False
         gpus = ray.cluster_resources().get("GPU", 0)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus - cfg.actors * cfg.cpus_per_actor < 1:
+            # Actors hold their CPUs for the whole run; with none left the decode tasks that feed
+            # them can never be scheduled and the job hangs instead of failing.
+            raise ValueError(f"{cfg.actors} actor(s) x {cfg.cpus_per_actor} CPU leave no CPU of the cluster's "
+                             f"{cpus:g} for image loading; lower --actors or --cpus-per-actor")
         ground_cfg = GroundConfig(
             sampling=SamplingConfig(num_candidates=cfg.num_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
@@ -194,8 +200,7 @@ def run_label(cfg: LabelConfig) -> dict:
             num_gpus=cfg.gpus_per_actor if gpus else 0, num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs={"model": cfg.model, "ground_cfg": ground_cfg, "selector": selector,
                                    "run_id": cfg.run_id, "micro_batch": cfg.batch_size,
-                                   "trust_remote_code": cfg.trust_remote_code, "dump_maps": cfg.dump_maps},
-            max_task_retries=3)
+                                   "trust_remote_code": cfg.trust_remote_code, "dump_maps": cfg.dump_maps})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["query_id"])):
                 writer.add(batch["shard_id"][i], batch["box"][i], list(batch["candidates"][i]),

@@ -75,12 +75,13 @@ class Output:
 
     def done_shards(self) -> set[str]:
         d = self.path("_shards")
+        # fsspec caches listings per filesystem instance (one per process and options): markers
+        # written or removed by another process must be seen, so always list afresh.
+        self.fs.invalidate_cache(d)
         try:
             names = self._retry(lambda: self.fs.ls(d, detail=False), f"list {d}")
         except OSError as e:
-            if isinstance(e.__cause__, FileNotFoundError) or "No such file" in str(e) or "not found" in str(e).lower():
-                return set()
+            if isinstance(e.__cause__, FileNotFoundError):
+                return set()  # no marker folder yet: nothing is done
             raise
-        except FileNotFoundError:
-            return set()
         return {posixpath.basename(n)[:-5] for n in names if n.endswith(".json")}

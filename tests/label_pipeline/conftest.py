@@ -4,32 +4,16 @@ and labelled runs shared by test_label / test_analytics.
 Models come from tests/conftest.py (`tiny_model_dir`: random weights, every candidate `no_box`;
 `parrot_model_dir`: always answers PARROT_BOX, so candidates are `ok`).
 
-There must be no tests/pipeline/__init__.py, and this directory's name shadows the `pipeline`
-package for the bare `pytest` script: pytest (prepend import mode) puts tests/ on sys.path, and a
-directory `tests/pipeline` without __init__.py then resolves `import pipeline` to a namespace
-package ahead of the editable install's finder. `python -m pytest` from the repository root is
-unaffected (the real package is found through the current directory first). The guard below
-imports the real package once, before anything else asks for it.
+The helpers module is imported by name: pytest puts this directory on sys.path (no __init__.py).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
-_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if getattr(sys.modules.get("pipeline"), "__file__", None) is None:
-    sys.modules.pop("pipeline", None)
-    _saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _TESTS_DIR]
-    try:
-        import pipeline  # noqa: F401  (the installed package, not tests/pipeline/)
-    finally:
-        sys.path[:] = _saved
+import pytest
 
-import pytest  # noqa: E402
-
-from _label_helpers import PARROT_TOKENS, label_config, write_parrot_coco  # noqa: E402
+from _label_helpers import PARROT_BOX, PARROT_TOKENS, label_config, write_parrot_coco
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +47,9 @@ def synthetic6(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def parrot_data(tmp_path_factory, make_image):
+def parrot_data(tmp_path_factory, make_image, parrot_box):
     """Small images the parrot answers, plus `annotations_bad.json` = the same + bad inputs."""
+    assert tuple(map(float, parrot_box)) == PARROT_BOX, "tests/conftest.py's parrot box changed"
     root = tmp_path_factory.mktemp("parrot-data")
     clean = write_parrot_coco(root, make_image, bad=False, name="annotations.json")
     bad = write_parrot_coco(root, make_image, bad=True, name="annotations_bad.json")

@@ -1,8 +1,5 @@
-"""Helpers shared by the Ray Data labelling tests (tests/pipeline/): small datasets and output readers.
-
-Not a test module (no `test_` prefix); imported by name because pytest puts tests/pipeline/ on
-sys.path (rootdir-relative "prepend" import mode, no __init__.py: see conftest.py for why there
-must not be one).
+"""Helpers shared by the Ray Data labelling tests (tests/label_pipeline/): small datasets and output
+readers. Not a test module (no `test_` prefix); imported by name (pytest puts this directory on sys.path).
 """
 
 from __future__ import annotations
@@ -24,12 +21,6 @@ PARROT_TOKENS = 24
 TINY_TOKENS = 12
 
 
-# Library bug found by these tests (xfail strict until fixed; see test_label.py / test_s3.py).
-SHARDS_FOLDER_BUG = (
-    "pipeline/inputs.py:134-137 list_shards: for a folder URL fsspec.get_fs_token_paths() returns "
-    "[the folder itself], so `if not paths and fs.isdir(url)` never lists the folder and the "
-    "`.parquet` filter leaves nothing -> FileNotFoundError 'no Parquet shards match' (documented "
-    "usage: --shards s3://bucket/shards/)")
 
 
 def label_config(**kw):

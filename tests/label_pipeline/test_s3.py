@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _label_helpers import K, N, SHARDS_FOLDER_BUG, TINY_TOKENS, assert_exactly_once, label_config
+from _label_helpers import K, N, TINY_TOKENS, assert_exactly_once, label_config
 
 BUCKET = "acs-test"
 KEY = "testing"
@@ -163,7 +163,29 @@ def test_s3_rerun_same_cli_command_skips_everything(coco_run, s3, s3_data, tiny_
     assert_exactly_once(local, s3_data["query_ids"], K)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=SHARDS_FOLDER_BUG)
+
+
+def test_s3_in_process_rerun_recomputes_a_deleted_marker(coco_run, s3, s3_data, tiny_model_dir, tmp_path):
+    """A notebook-style session: run (all done), a marker disappears (deleted by another client), run again."""
+    from pipeline.label import run_label
+
+    def run():
+        return run_label(label_config(output=coco_run["out"], coco=s3_data["coco"], images=s3_data["images"],
+                                      model=str(tiny_model_dir), max_new_tokens=TINY_TOKENS, shard_size=4,
+                                      storage_options=dict(s3["storage_options"])))
+
+    again = run()["counters"]
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3
+    keys = sorted(o["Key"] for o in s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="out/_shards/")["Contents"])
+    assert len(keys) == 3
+    s3["client"].delete_object(Bucket=BUCKET, Key=keys[1])
+    c = run()["counters"]
+    local = tmp_path / "out"
+    _download(s3, "out", local)
+    assert_exactly_once(local, s3_data["query_ids"], K)  # holds either way: files are overwritten by name
+    assert (c["shards_written"], c["shards_skipped"]) == (1, 2), c
+
+
 def test_s3_shards_folder_input(ray_session, s3, s3_data, tiny_model_dir):
     from pipeline.label import run_label
 
