@@ -240,6 +240,6 @@ def test_job_submit_on_two_node_cluster(two_nodes, working_dir, parrot_data, par
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
     st = subprocess.run([RAY_CLI, "job", "status", "--address", f"http://127.0.0.1:{two_nodes.dash_port}", sub_id],
                         env=two_nodes.env, capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in st.stdout + st.stderr, st.stdout + st.stderr
+    assert f"Job '{sub_id}' succeeded" in st.stdout + st.stderr, st.stdout + st.stderr
     assert "run job-2n: 7 queries in 1 shard(s) (0 already done, 1 written)" in r.stdout
     _check_run(two_nodes, before, data, out, "job-2n", "auto")
