@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 COMMANDS = {
@@ -17,6 +18,20 @@ COMMANDS = {
     "make-tiny-model": ("jobs.make_tiny_model", "random-weight model of a real architecture, offline"),
     "train-organism": ("jobs.train_organism", "train the shipped small Qwen2.5-VL"),
 }
+
+
+def parse_storage_options(items: list[str], prog: str = "acs") -> dict:
+    """`--storage-option KEY=VALUE` items -> fsspec options (values parsed as JSON when they are)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{prog}: --storage-option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

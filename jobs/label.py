@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
+from jobs.cli import parse_storage_options
 from pipeline.label import LabelConfig
 
 _FLAGS = {"coco", "images", "queries", "shards", "output"}
@@ -42,24 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse_storage_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"acs label: --storage-option expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def config_from_args(argv: list[str] | None) -> LabelConfig:
     args = build_parser().parse_args(argv)
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig)
               if hasattr(args, f.name) and f.name not in ("categories", "storage_options", "run_id")}
-    return LabelConfig(**kwargs, storage_options=parse_storage_options(args.storage_option),
+    return LabelConfig(**kwargs, storage_options=parse_storage_options(args.storage_option, "acs label"),
                        categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
                        run_id=args.run_id, progress=not args.no_progress)
 

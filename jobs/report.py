@@ -10,22 +10,10 @@ Images are embedded, so the file opens anywhere without the run's storage.
 from __future__ import annotations
 
 import argparse
-import json
 import posixpath
 import sys
 
-
-def _storage_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"acs report: --storage-option expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+from jobs.cli import parse_storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or posixpath.join(args.run.rstrip("/"), "report.html")
     try:
         summary = build_report(args.run, output, profile_path=args.profile, max_gallery=args.max_gallery,
-                               storage_options=_storage_options(args.storage_option))
+                               storage_options=parse_storage_options(args.storage_option, "acs report"))
     except (ValueError, FileNotFoundError) as e:
         print(f"acs report: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from .capture import entropy
 from .metrics import box_iou
 from .models.base import Adapter
 from .sampling import SamplingConfig, capture_rows, query_seed, sample
@@ -189,7 +190,7 @@ class Grounder:
         pos = {tok: j for j, tok in enumerate(wanted)}
         m = torch.stack([rows[[pos[t] for t in span]].mean(0) for span in p.coord_tokens])
         m = m.reshape(4, len(self.layers), len(self.heads), gh, gw)  # (4, L, H, gh, gw)
-        cand.entropy = _entropy(m).numpy()
+        cand.entropy = entropy(m.flatten(-2)).numpy()
         if self.cfg.keep_maps or self.regressor is not None:
             cand.pooled = torch.nn.functional.adaptive_avg_pool2d(
                 m.reshape(-1, 1, gh, gw), self.cfg.grid).reshape(
@@ -262,11 +263,6 @@ class Grounder:
             x = torch.from_numpy(np.stack([cands[i].pooled for i in idx])).float()
             out[idx] = self.regressor(x).numpy()
         return out
-
-
-def _entropy(m: torch.Tensor) -> torch.Tensor:
-    p = m.flatten(-2)
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
 
 
 def _agree(cands: list[Candidate], thr: float) -> bool:
