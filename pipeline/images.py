@@ -41,7 +41,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
             return img.convert("RGB")
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: exceeds the pixel limit (decompression-bomb guard): {e}") from None
+    except UnidentifiedImageError as e:
         raise ImageError(f"{name}: not a decodable image ({type(e).__name__}: {e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
