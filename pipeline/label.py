@@ -192,7 +192,9 @@ def run_label(cfg: LabelConfig) -> dict:
             adaptive_iou=cfg.adaptive_iou)
         # The listing rows are small (no image bytes); blocks of ~a batch keep all actors busy.
         ds = ray.data.from_items(pending, override_num_blocks=max(1, min(len(pending), len(pending) // cfg.batch_size)))
-        ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy",
+        # Half a CPU per decode task: a resource shape unlike the actor's, so Ray Data keeps decoding
+        # in its own tasks (I/O never blocks the model) instead of fusing it into the actor.
+        ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
                             fn_kwargs={"storage_options": cfg.storage_options})
         ds = ds.map_batches(
             ACSStage, batch_size=cfg.batch_size, batch_format="numpy",
