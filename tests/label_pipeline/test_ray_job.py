@@ -243,3 +243,36 @@ def test_job_submit_on_two_node_cluster(two_nodes, working_dir, parrot_data, par
     assert f"Job '{sub_id}' succeeded" in st.stdout + st.stderr, st.stdout + st.stderr
     assert "run job-2n: 7 queries in 1 shard(s) (0 already done, 1 written)" in r.stdout
     _check_run(two_nodes, before, data, out, "job-2n", "auto")
+
+
+def test_driver_killed_and_rerun(two_nodes, synthetic6, parrot_model_dir, tmp_path):
+    """kill -9 the driver after its first shard; the same command again finishes the job: finished
+    shards are skipped (run JSON counters), every query exactly once."""
+    out = tmp_path / "out"
+
+    def cmd(run_id):
+        return [sys.executable, "-m", "jobs.label", "--coco", synthetic6["ann"], "--images", synthetic6["root"],
+                "--output", str(out), "--model", str(parrot_model_dir), "--num-candidates", str(N),
+                "--max-new-tokens", str(PARROT_TOKENS), "--batch-size", "1", "--shard-size", "3",
+                "--address", two_nodes.address, "--no-progress", "--run-id", run_id]
+
+    driver = subprocess.Popen(cmd("crash-1"), env=two_nodes.env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not markers(out):
+        assert driver.poll() is None, "the driver finished or failed before its first shard"
+        assert time.time() < deadline, "no shard finished in time"
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait(timeout=30)
+    done = set(markers(out))
+    shards = -(-len(synthetic6["query_ids"]) // 3)
+    assert 1 <= len(done) < shards, "the kill should land mid-run"
+    assert not (out / "_runs" / "crash-1.json").exists()  # the killed run never finished
+
+    r = subprocess.run(cmd("crash-2"), env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = run_json(out, "crash-2")["counters"]
+    assert c["shards"] == shards and c["shards_skipped"] == len(done)
+    assert c["shards_written"] == shards - len(done)
+    assert_exactly_once(out, set(synthetic6["query_ids"]), K)
