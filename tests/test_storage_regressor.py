@@ -1,0 +1,50 @@
+"""Output names cannot escape the prefix; regressor files are validated before use; a regressor
+survives a save/load round trip."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.regressor import IoURegressor, load_regressor, save_regressor
+from pipeline.storage import Output
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".", "x\\y", "", "shard 1"])
+def test_output_names_cannot_escape(tmp_path, name):
+    out = Output(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="unsafe output name"):
+        out.path("boxes", name)
+
+
+def test_output_writes_atomically_and_lists_markers(tmp_path):
+    out = Output(str(tmp_path / "out"))
+    assert out.done_shards() == set()
+    out.write_json({"ok": 1}, "_shards", "shard-a.json")
+    out.write_json({"ok": 1}, "_shards", "shard-b.json")
+    assert out.done_shards() == {"shard-a", "shard-b"}
+    assert not list((tmp_path / "out" / "_shards").glob("*.tmp"))
+
+
+def test_regressor_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = IoURegressor(num_layers=3, num_heads=2, grid=8).eval()
+    x = torch.rand(5, 4, 3, 2, 8, 8)
+    save_regressor(model, tmp_path / "r", {"model_id": "m"})
+    loaded, meta = load_regressor(tmp_path / "r", 3, 2)
+    assert meta["model_id"] == "m" and meta["grid"] == 8
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x))
+    assert ((loaded(x) >= 0) & (loaded(x) <= 1)).all()
+
+
+def test_regressor_validation(tmp_path):
+    save_regressor(IoURegressor(3, 2, 8), tmp_path / "r", {"model_id": "m"})
+    with pytest.raises(ValueError, match="trained for 3 layers x 2 heads"):
+        load_regressor(tmp_path / "r", 4, 2)
+    meta = json.loads((tmp_path / "r" / "regressor.json").read_text())
+    (tmp_path / "r" / "regressor.json").write_text(json.dumps({**meta, "grid": "16"}))
+    with pytest.raises(ValueError, match="'grid' must be a positive integer"):
+        load_regressor(tmp_path / "r", 3, 2)
+    with pytest.raises(FileNotFoundError, match="regressor.safetensors and regressor.json"):
+        load_regressor(tmp_path / "missing", 3, 2)
