@@ -46,7 +46,7 @@ def _query(query_id, image_id, image_uri, category, gt=None, gt_area=None, **ext
     q = {"query_id": str(query_id), "image_id": None if image_id is None else str(image_id),
          "image_uri": image_uri, "category": category,
          "gt_x1": None, "gt_y1": None, "gt_x2": None, "gt_y2": None, "gt_area": gt_area,
-         "pre_status": None, "pre_error": None, "shard_file": None, "row_index": None}
+         "pre_status": None, "pre_error": None, "shard_file": None, "row_index": None, "shard_member": None}
     if gt is not None:
         q.update(gt_x1=gt[0], gt_y1=gt[1], gt_x2=gt[2], gt_y2=gt[3])
     q.update(extra)
@@ -126,26 +126,62 @@ def list_manifest(uri: str, images_root: str | None, storage_options: dict | Non
     return out
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _tar_rows(f) -> list[dict]:
+    """WebDataset convention: members sharing a key (name up to the first dot) form one sample;
+    the image is KEY.jpg/png/webp, optional metadata KEY.json may hold `categories` or `category`."""
+    import tarfile
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = posixpath.basename(m.name)
+            key, _, ext = base.partition(".")
+            key = posixpath.join(posixpath.dirname(m.name), key)
+            s = samples.setdefault(key, {"key": key})
+            if ext.lower() in IMAGE_EXTS:
+                s["member"] = m.name
+            elif ext.lower() == "json":
+                meta = json.loads(tar.extractfile(m).read() or b"{}")
+                s.update({k: meta[k] for k in ("categories", "category", "image_id", "width", "height") if k in meta})
+    return [s for s in samples.values() if "member" in s]
+
+
 def list_shards(url: str, storage_options: dict | None = None, categories: list[str] | None = None) -> list[dict]:
-    """img2dataset-style Parquet shards: one query per (row, category); bytes stay in the file."""
+    """Image shards: img2dataset-style Parquet or WebDataset tars; one query per (image, category).
+    Bytes stay in the shard until the CPU stage reads them."""
     import pyarrow.parquet as pq
 
     fs, _, paths = fsspec.get_fs_token_paths(url, storage_options=storage_options or {})
-    if len(paths) <= 1 and fs.isdir(paths[0] if paths else url):  # a folder: every Parquet file under it
+    if len(paths) <= 1 and fs.isdir(paths[0] if paths else url):  # a folder: every shard under it
         paths = fs.find(paths[0] if paths else url)
-    paths = sorted(p for p in paths if p.endswith(".parquet"))
+    paths = sorted(p for p in paths if p.endswith((".parquet", ".tar")))
     if not paths:
-        raise FileNotFoundError(f"no Parquet shards match {url}")
+        raise FileNotFoundError(f"no Parquet or WebDataset (.tar) shards match {url}")
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     out = []
     for path in paths:
         uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        shard = f"{posixpath.basename(path).rsplit('.', 1)[0]}-{_hash(uri)}"
+        if path.endswith(".tar"):
+            with fs.open(path, "rb") as f:
+                rows = _tar_rows(f)
+            for row in rows:
+                cats = categories or row.get("categories") or ([row["category"]] if row.get("category") else [])
+                for cat in cats:
+                    out.append(_query(f"{row['key']}:{cat}", row.get("image_id", row["key"]), f"{uri}#{row['member']}",
+                                      cat, shard_file=uri, shard_member=row["member"], shard_id=shard,
+                                      width=row.get("width"), height=row.get("height")))
+            continue
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             cols = [c for c in ("key", "image_id", "categories", "category", "width", "height") if c in names]
             table = pf.read(columns=cols)
-        shard = f"{posixpath.basename(path).rsplit('.', 1)[0]}-{_hash(uri)}"
         for i, row in enumerate(table.to_pylist()):
             cats = categories or row.get("categories") or ([row["category"]] if row.get("category") else [])
             key = str(row.get("key") or i)

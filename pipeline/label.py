@@ -28,7 +28,7 @@ class LabelConfig:
     coco: str | None = field(default=None, metadata={"help": "COCO annotation JSON: queries from ground truth"})
     images: str | None = field(default=None, metadata={"help": "image root for --coco / --queries"})
     queries: str | None = field(default=None, metadata={"help": "query manifest (Parquet/CSV/JSONL: image, category)"})
-    shards: str | None = field(default=None, metadata={"help": "image shards (img2dataset-style Parquet), glob or folder"})
+    shards: str | None = field(default=None, metadata={"help": "image shards (img2dataset-style Parquet or WebDataset .tar), glob or folder"})
     categories: list[str] | None = field(default=None, metadata={"help": "categories to query in every shard image"})
     model: str = field(default="organism", metadata={"help": "hub id, local directory or `organism`"})
     selector: str = field(default="auto", metadata={"help": "selector for boxes/: auto = acs-learned with a regressor, else acs-free"})

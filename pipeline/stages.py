@@ -19,7 +19,8 @@ from .images import ImageError, decode_image
 
 # Columns every stage passes through untouched (the query's listing row).
 META_COLUMNS = ("query_id", "image_id", "image_uri", "category", "gt_x1", "gt_y1", "gt_x2", "gt_y2",
-                "gt_area", "shard_id", "shard_file", "row_index", "pre_status", "pre_error", "width", "height")
+                "gt_area", "shard_id", "shard_file", "row_index", "shard_member", "pre_status", "pre_error", "width",
+                "height")
 
 
 def _read_bytes(rows: list[dict], storage_options: dict | None) -> list[bytes | Exception]:
@@ -44,6 +45,9 @@ def _read_bytes(rows: list[dict], storage_options: dict | None) -> list[bytes | 
                 out[i] = ImageError(f"{r['image_uri']}: cannot read ({type(e).__name__}: {e})")
     for shard, idxs in by_shard.items():
         try:
+            if shard.endswith(".tar"):
+                _read_tar_members(shard, rows, idxs, out, storage_options)
+                continue
             with fsspec.open(shard, "rb", **(storage_options or {})) as f:
                 pf = pq.ParquetFile(f)
                 col = next(c for c in ("jpg", "png", "webp", "image") if c in pf.schema_arrow.names)
@@ -54,6 +58,28 @@ def _read_bytes(rows: list[dict], storage_options: dict | None) -> list[bytes | 
             for i in idxs:
                 out[i] = ImageError(f"{shard}: cannot read shard ({type(e).__name__}: {e})")
     return out
+
+
+def _read_tar_members(shard: str, rows, idxs, out, storage_options) -> None:
+    """One streaming pass over the tar for the members this batch needs."""
+    import tarfile
+
+    import fsspec
+
+    want: dict[str, list[int]] = defaultdict(list)
+    for i in idxs:
+        want[rows[i]["shard_member"]].append(i)
+    with fsspec.open(shard, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if m.name in want:
+                data = tar.extractfile(m).read()
+                for i in want.pop(m.name):
+                    out[i] = data
+                if not want:
+                    break
+    for name, missing in want.items():
+        for i in missing:
+            out[i] = ImageError(f"{shard}: member {name} not found")
 
 
 def load_images(batch: dict, storage_options: dict | None = None, max_pixels: int = 100_000_000) -> dict:

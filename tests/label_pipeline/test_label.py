@@ -324,3 +324,35 @@ def test_shards_glob_input_gives_the_coco_queries(ray_session, synthetic6, tiny_
     assert set(boxes.column("image_width").to_pylist()) == {640}
     assert set(boxes.column("image_uri").to_pylist()) == {
         f"{os.path.join(synthetic6['root'], 'shards', 'shard-00000.parquet')}#shapes-test-{i:06d}" for i in range(6)}
+
+
+def test_webdataset_tar_input(ray_session, synthetic6, tiny_model_dir, tmp_path):
+    """The synthetic shard rewritten as a WebDataset tar (KEY.jpg + KEY.json): same queries, every
+    image read out of the tar and decoded."""
+    import io
+    import json as _json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from pipeline.label import run_label
+
+    table = pq.read_table(os.path.join(synthetic6["root"], "shards", "shard-00000.parquet")).to_pylist()
+    tar_path = tmp_path / "wds" / "shard-000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for row in table:
+            for name, data in ((f"{row['key']}.jpg", row["jpg"]),
+                               (f"{row['key']}.json", _json.dumps({"categories": row["categories"],
+                                                                    "image_id": row["image_id"]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = str(tmp_path / "out")
+    summary = run_label(label_config(output=out, shards=str(tar_path.parent) + "/", model=str(tiny_model_dir),
+                                     max_new_tokens=TINY_TOKENS))
+    assert summary["counters"]["queries"] == len(synthetic6["query_ids"]) == 23
+    boxes = read(out, "boxes")
+    assert_exactly_once(out, set(boxes.column("query_id").to_pylist()), K)
+    assert Counter(boxes.column("status").to_pylist()) == {"no_box": 23}  # decoded; the random model finds no box
+    assert set(boxes.column("image_width").to_pylist()) == {640}
