@@ -28,16 +28,17 @@ def main(argv=None) -> int:
     ap.add_argument("--selector", default="acs-free")
     args = ap.parse_args(argv)
 
-    from benchmarks.common import emit, synthetic_queries
+    from benchmarks.common import emit
     from pipeline.assets import default_paths
     from pipeline.ground import GroundConfig, Grounder
     from pipeline.metrics import size_bucket, summarize
     from pipeline.models.base import load_adapter
     from pipeline.sampling import SamplingConfig
+    from pipeline.synthetic import grounding_queries
 
     adapter = load_adapter(args.model)
     profile, regressor = default_paths(args.model, None, None)
-    items = synthetic_queries(args.variant, args.split, args.queries)
+    items = grounding_queries(args.variant, args.split, args.queries)
     buckets = np.array([str(size_bucket(a)) for _, a in items])
     res = {}
     for name, adaptive in (("full", False), ("adaptive", True)):

@@ -18,12 +18,12 @@ $PY -m benchmarks.capture_overhead --model "$OUT/qwen7b-shape" --device cuda --d
 # ACS stage throughput (sampling + capture + scoring) over 64 queries, batch 8.
 $PY - "$OUT/qwen7b-shape" <<'PY' | tee "$OUT/throughput.json"
 import json, sys, time, torch
-from benchmarks.common import synthetic_queries
+from pipeline.synthetic import grounding_queries
 from pipeline.ground import GroundConfig, Grounder
 from pipeline.models.base import load_adapter
 from pipeline.sampling import SamplingConfig
 ad = load_adapter(sys.argv[1], device="cuda", dtype="bf16")
-items = [q for q, _ in synthetic_queries("shapes", "test", 64)]
+items = [q for q, _ in grounding_queries("shapes", "test", 64)]
 for q in items:
     q.image = q.image.resize((896, 868))
 g = Grounder(ad, GroundConfig(sampling=SamplingConfig(num_candidates=10, max_new_tokens=48)))

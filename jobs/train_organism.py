@@ -75,32 +75,22 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
 
     from pipeline.metrics import paired_iou, size_bucket, summarize
     from pipeline.sampling import SamplingConfig, sample
-    from pipeline.synthetic import make_scene
+    from pipeline.synthetic import grounding_queries
 
     was_training = adapter.model.training
     adapter.model.eval()
-    items, i = [], 0
-    while len(items) < n:
-        scene = make_scene(variant, split, i)
-        for cat, obj in scene.queries():
-            items.append((scene.image, cat, obj))
-        i += 1
-    items = items[:n]
+    items = grounding_queries(variant, split, n)
     ious, buckets, nobox = [], [], 0
     for b in range(0, n, 16):
         chunk = items[b:b + 16]
-        enc = adapter.encode([c[0] for c in chunk], [c[1] for c in chunk])
+        enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
         gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed),
-                     [f"{split}-{b + j}" for j in range(len(chunk))])
-        for j, (img, cat, obj) in enumerate(chunk):
+                     [q.query_id for q, _ in chunk])
+        for j, (q, area) in enumerate(chunk):
             _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
-            x, y, w, h = obj.bbox
-            if parsed.box is None:
-                nobox += 1
-                ious.append(0.0)
-            else:
-                ious.append(float(paired_iou(np.array([parsed.box]), np.array([[x, y, x + w, y + h]]))[0]))
-            buckets.append(size_bucket(obj.area))
+            nobox += parsed.box is None
+            ious.append(0.0 if parsed.box is None else float(paired_iou(np.array([parsed.box]), np.array([q.gt]))[0]))
+            buckets.append(size_bucket(area))
     adapter.model.train(was_training)
     out = summarize(np.array(ious), np.array(buckets))
     out["no_box_share"] = nobox / n
@@ -115,14 +105,14 @@ def premise_eval(adapter, variant: str = "shapes", split: str = "calib", n: int 
     within-query Spearman of any head's entropy with IoU."""
     import numpy as np
 
-    from benchmarks.common import synthetic_queries
     from pipeline.ground import GroundConfig, Grounder
     from pipeline.metrics import mean_within_group_spearman, size_bucket, summarize
     from pipeline.sampling import SamplingConfig
+    from pipeline.synthetic import grounding_queries
 
     was_training = adapter.model.training
     adapter.model.eval()
-    items = synthetic_queries(variant, split, n)
+    items = grounding_queries(variant, split, n)
     buckets = np.array([str(size_bucket(a)) for _, a in items])
     out = {}
     for t in temperatures:

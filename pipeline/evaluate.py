@@ -64,13 +64,9 @@ def selector_rows(boxes: pl.DataFrame, cands: pl.DataFrame) -> pl.DataFrame:
 def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_options: dict | None = None):
     """Ground truth from a COCO file for runs made without it (manifest or shard inputs): matched on
     (image id or file stem, category name); only single-instance pairs, as in METHOD.md."""
-    import json
-
     from .inputs import list_coco
     from .metrics import box_iou, size_bucket
 
-    with fsspec.open(gt_json, "r", **(storage_options or {})) as f:
-        json.load(f)  # fail early with the file's own error if it is not JSON
     gts = list_coco(gt_json, "", storage_options)
     table = {}
     for q in gts:

@@ -51,8 +51,7 @@ class HeadProfile:
     def default(cls, model_id: str, num_layers: int, num_heads: int) -> "HeadProfile":
         # Until calibrated: every head of the middle third of layers (the paper's discriminative
         # band is the middle-to-late layers of a 28-layer model).
-        lo, hi = num_layers // 3, max(num_layers // 3 + 1, (2 * num_layers) // 3)
-        return cls(model_id, [(l, h) for l in range(lo, hi) for h in range(num_heads)])
+        return cls(model_id, [(l, h) for l in middle_band(num_layers) for h in range(num_heads)])
 
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None, num_heads: int | None = None) -> "HeadProfile":

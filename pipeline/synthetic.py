@@ -464,3 +464,17 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
     with open(summary["paths"]["summary"], "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def grounding_queries(variant: str, split: str, n: int, seed: int = 0) -> list:
+    """The first `n` unambiguous queries of a split, in memory: (`pipeline.ground.Query`, gt area)."""
+    from .ground import Query
+
+    out, i = [], 0
+    while len(out) < n:
+        scene = make_scene(variant, split, i, seed=seed)
+        for cat, obj in scene.queries():
+            x, y, w, h = obj.bbox
+            out.append((Query(f"{variant}-{split}-{i}:{cat}", scene.image, cat, (x, y, x + w, y + h)), obj.area))
+        i += 1
+    return out[:n]
