@@ -26,14 +26,14 @@ def _adapter(model, processor):
     return Qwen25VLAdapter(model, processor, "organism")
 
 
-def build(seed: int):
+def build(seed: int, oc=None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from pipeline.models.tokenizer import build_tokenizer
     from pipeline.organism import OrganismConfig, init_number_embeddings, organism_configs
 
     tokenizer = build_tokenizer()
-    config, processor = organism_configs(OrganismConfig(), tokenizer)
+    config, processor = organism_configs(oc or OrganismConfig(), tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
@@ -162,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                          "weights and step count carry over, the optimizer starts fresh (it is not shipped)")
     ap.add_argument("--premise", action="store_true",
                     help="only evaluate the checkpoint's premise metrics on calib (per temperature) and exit")
+    ap.add_argument("--turns", type=int, default=4,
+                    help="queries per training scene, as a multi-turn chat whose first turn is the inference prompt")
+    ap.add_argument("--input", default=None, metavar="WxH",
+                    help="model input size in pixels (default 320x240; changing it keeps the weights, which do not "
+                         "depend on resolution, and resizes the processor)")
     ap.add_argument("--export", default=None, help="write the final model here (e.g. pipeline/assets/organism)")
     args = ap.parse_args(argv)
 
-    from pipeline.organism import Batcher, OrganismConfig, save_checkpoint, training_inputs
+    from pipeline.organism import Batcher, OrganismConfig, save_checkpoint, set_input_size, training_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = out / "ckpt"
     log_path = out / "train_log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "next_index": 0, "wall_s": 0.0}
+    # `schedule_start`: the step this run's warm-up + cosine schedule began (0 from scratch, the
+    # prior step count with --init-from, where the optimizer is fresh and needs its own warm-up).
+    state = {"step": 0, "next_index": 0, "wall_s": 0.0, "schedule_start": 0}
     if (ckpt / "state.json").exists():
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -188,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         processor = AutoProcessor.from_pretrained(args.init_from)
         prior = json.loads((Path(args.init_from) / "acs_model.json").read_text())
         state.update(step=int(prior.get("steps", 0)), next_index=int(prior.get("next_index", 0)),
-                     wall_s=float(prior.get("wall_s", 0.0)))
+                     wall_s=float(prior.get("wall_s", 0.0)), schedule_start=int(prior.get("steps", 0)))
         print(f"continuing from {args.init_from} at step {state['step']} (fresh optimizer)", flush=True)
     else:
         model, processor = build(args.seed)
+    source = ckpt if (ckpt / "state.json").exists() else Path(args.init_from) if args.init_from else None
+    oc = OrganismConfig(**json.loads((source / "acs_model.json").read_text())["organism_config"]) \
+        if source is not None else OrganismConfig()
+    if args.input:
+        w, h = (int(v) for v in args.input.lower().split("x"))
+        oc.input_width, oc.input_height = w, h
+    set_input_size(processor, oc.input_width, oc.input_height)
     model.config.get_text_config()._attn_implementation = "sdpa"
     adapter = _adapter(model, processor)
     if args.premise:
@@ -207,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         _load_opt(opt, model, ckpt / "optimizer.safetensors")
 
     def lr_at(step: int) -> float:
+        start = state.get("schedule_start", 0)
+        step -= start
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        frac = (step - args.warmup) / max(1, args.steps - start - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    batcher = Batcher(adapter, seed=args.seed)
+    batcher = Batcher(adapter, seed=args.seed, turns=args.turns)
     batcher.rng.seed(args.seed * 1_000_003 + state["step"])  # resume picks the same queries
     model.train()
     t_start = time.time()
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint():
         state["wall_s"] = wall0 + time.time() - t_start
         save_checkpoint(model, processor, ckpt, {"model_id": "organism", "family": "qwen2.5-vl",
-                                                  "organism_config": asdict(OrganismConfig()),
+                                                  "organism_config": asdict(oc),
                                                   "steps": state["step"], "next_index": state["next_index"],
                                                   "wall_s": state["wall_s"]})
         _save_opt(opt, model, ckpt / "optimizer.safetensors")

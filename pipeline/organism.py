@@ -63,6 +63,14 @@ def organism_configs(oc: OrganismConfig, tokenizer):
     return config, processor
 
 
+def set_input_size(processor, width: int, height: int) -> None:
+    """Fix the processor's resize target to exactly width x height pixels (multiples of 28 at
+    patch 14, 16 at patch 8 keep the 4:3 scene aspect without cropping)."""
+    pixels = width * height
+    for proc in (processor.image_processor, processor.video_processor):
+        proc.size = {"shortest_edge": pixels, "longest_edge": pixels}
+
+
 def init_number_embeddings(model, tokenizer, max_number: int = 1023) -> None:
     """Sinusoids of the integer value for the number tokens (tied with the output layer)."""
     emb = model.get_input_embeddings().weight
@@ -78,11 +86,19 @@ def init_number_embeddings(model, tokenizer, max_number: int = 1023) -> None:
 
 
 class Batcher:
-    """Training examples made on the fly from `shapes/train` scenes (an endless train split)."""
+    """Training examples made on the fly from `shapes/train` scenes (an endless train split).
 
-    def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0):
+    Each scene becomes one multi-turn conversation: the first turn is exactly the single-query
+    prompt used at inference; up to `turns - 1` further unambiguous queries of the same scene
+    follow as later user turns. The image is encoded once and supervises several answers, which
+    is most of the signal per CPU-second (the prefill over the visual tokens is the cost).
+    """
+
+    def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
+                 turns: int = 1):
         self.adapter = adapter
         self.variant, self.split, self.seed = variant, split, seed
+        self.turns = max(1, turns)
         self.rng = random.Random(seed)
 
     def example(self, index: int):
@@ -92,43 +108,57 @@ class Batcher:
         queries = scene.queries()
         if not queries:
             return None
-        category, obj = queries[self.rng.randrange(len(queries))]
-        x, y, w, h = obj.bbox
-        return scene.image, category, (x, y, x + w, y + h)
+        picked = self.rng.sample(queries, min(self.turns, len(queries)))
+        return scene.image, [(cat, (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
+                             for cat, o in picked]
 
     def batch(self, start: int, size: int):
-        """Tokenised prompts + answers with labels on the answer tokens only."""
+        """(encoded first-turn prompts, per example a list of (token ids, is-label) continuation
+        segments, next scene index). Labels cover the answers and their end-of-turn token only."""
         ad = self.adapter
-        images, cats, answers = [], [], []
+        images, turns = [], []
         i = start
         while len(images) < size:
             ex = self.example(i)
             i += 1
             if ex is None:
                 continue
-            img, cat, box = ex
-            images.append(img)
-            cats.append(cat)
-            answers.append(box)
-        enc = ad.encode(images, cats)
-        answer_ids = []
-        for box, cat, isz, osz in zip(answers, cats, enc.input_sizes, enc.orig_sizes):
-            text = ad.answer_text(ad.from_original(box, isz, osz), cat)
-            answer_ids.append(ad.tokenizer(text, add_special_tokens=False)["input_ids"] + ad.eos_token_ids[:1])
-        return enc, answer_ids, i
+            images.append(ex[0])
+            turns.append(ex[1])
+        enc = ad.encode(images, [t[0][0] for t in turns])
+        tok = ad.tokenizer
+        eos = ad.eos_token_ids[:1]
+        conts = []
+        for qs, isz, osz in zip(turns, enc.input_sizes, enc.orig_sizes):
+            segs = []
+            for k, (cat, box) in enumerate(qs):
+                if k:
+                    user = f"\n<|im_start|>user\n{ad.prompt(cat)}<|im_end|>\n<|im_start|>assistant\n"
+                    segs.append((tok(user, add_special_tokens=False)["input_ids"], False))
+                answer = ad.answer_text(ad.from_original(box, isz, osz), cat)
+                segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
+            conts.append(segs)
+        return enc, conts, i
 
 
-def training_inputs(enc, answer_ids, pad_id: int):
-    """Append answers to left-padded prompts; right-pad answers; labels only on answer tokens."""
+def training_inputs(enc, conts, pad_id: int):
+    """Append continuations to left-padded prompts; right-pad; labels only on answer segments.
+
+    `conts[i]` is a list of (ids, is_label) segments, or a plain list of answer ids (one turn)."""
     ids, mask = enc.inputs["input_ids"], enc.inputs["attention_mask"]
     b = ids.shape[0]
-    t = max(len(a) for a in answer_ids)
+    conts = [c if c and isinstance(c[0], tuple) else [(list(c), True)] for c in conts]
+    flat = [[t for seg, _ in c for t in seg] for c in conts]
+    is_label = [[lab for seg, lab in c for _ in seg] for c in conts]
+    t = max(len(a) for a in flat)
     ans = torch.full((b, t), pad_id, dtype=ids.dtype)
     amask = torch.zeros(b, t, dtype=mask.dtype)
-    for i, a in enumerate(answer_ids):
+    lab = torch.full((b, t), -100, dtype=ids.dtype)
+    for i, (a, m) in enumerate(zip(flat, is_label)):
         ans[i, : len(a)] = torch.tensor(a)
         amask[i, : len(a)] = 1
-    labels = torch.cat([torch.full_like(ids, -100), torch.where(amask.bool(), ans, -100)], 1)
+        lab[i, : len(a)] = torch.where(torch.tensor(m), torch.tensor(a), -100)
+    labels = torch.cat([torch.full_like(ids, -100), lab], 1)
     inputs = dict(enc.inputs)
     inputs["input_ids"] = torch.cat([ids, ans], 1)
     inputs["attention_mask"] = torch.cat([mask, amask], 1)

@@ -118,9 +118,15 @@ class ACSStage:
     result rows. Only small results leave the actor (no images, no raw maps)."""
 
     def __init__(self, model: str, ground_cfg, selector: str, run_id: str, micro_batch: int = 8,
-                 device: str | None = None, trust_remote_code: bool = False, dump_maps: bool = False):
+                 device: str | None = None, trust_remote_code: bool = False, dump_maps: bool = False,
+                 torch_threads: int = 0):
+        import torch
+
         from .ground import Grounder
         from .models.base import load_adapter
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)  # Ray's OMP_NUM_THREADS=<reserved CPUs> otherwise
 
         self.adapter = load_adapter(model, device=device, trust_remote_code=trust_remote_code)
         self.grounder = Grounder(self.adapter, ground_cfg)

@@ -1,0 +1,36 @@
+"""The organism's training batches: multi-turn conversations whose labels are exactly the answers."""
+
+from pipeline.organism import Batcher, training_inputs
+
+
+def test_multi_turn_labels_are_the_answers_and_first_turn_is_the_inference_prompt(tiny_adapter):
+    ad = tiny_adapter
+    b = Batcher(ad, turns=3, seed=0)
+    enc, conts, nxt = b.batch(0, 2)
+    assert nxt >= 2
+    inputs, labels = training_inputs(enc, conts, ad.pad_token_id)
+    tok = ad.tokenizer
+    for i, segs in enumerate(conts):
+        n_answers = sum(lab for _, lab in segs)
+        assert 1 <= n_answers <= 3
+        # The labelled tokens, decoded, are the answers in order, each closed by <|im_end|>.
+        lab = labels[i][labels[i] != -100].tolist()
+        text = tok.decode(lab, skip_special_tokens=False)
+        assert text.count('"bbox_2d"') == n_answers
+        assert text.count("<|im_end|>") == n_answers
+        assert "user" not in text and "Detect" not in text
+        # The full sequence holds one user turn per answer; the prompt part is untouched.
+        full = tok.decode(inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist(), skip_special_tokens=False)
+        assert full.count("<|im_start|>user") == n_answers
+        assert full.count("<|image_pad|>") == int(enc.inputs["image_grid_thw"][i].prod()) // 4
+    # Labels sit on the answers only: the prompt columns are all -100.
+    assert (labels[:, : enc.inputs["input_ids"].shape[1]] == -100).all()
+
+
+def test_single_turn_answer_ids_still_accepted(tiny_adapter):
+    ad = tiny_adapter
+    enc, conts, _ = Batcher(ad, turns=1, seed=1).batch(0, 2)
+    plain = [[t for seg, _ in c for t in seg] for c in conts]
+    a, la = training_inputs(enc, conts, ad.pad_token_id)
+    b, lb = training_inputs(enc, plain, ad.pad_token_id)
+    assert (la == lb).all() and (a["input_ids"] == b["input_ids"]).all()
