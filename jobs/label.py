@@ -52,7 +52,8 @@ def config_from_args(argv: list[str] | None) -> LabelConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.label import run_label, summary_text
+    from pipeline.label import ShardsFailed, run_label, summary_text
+    from pipeline.storage import StorageError
 
     cfg = config_from_args(argv)
     try:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"acs label: {e}", file=sys.stderr)
         return 2
+    except (ShardsFailed, StorageError) as e:  # storage faults after the retries: a rerun resumes
+        print(f"acs label: {e}", file=sys.stderr)
+        return 1
     print(summary_text(summary, cfg.output, cfg.storage_options))
     return 0
 

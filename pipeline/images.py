@@ -49,13 +49,21 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
-def read_image(uri: str, storage_options: dict | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read a local path or any fsspec URL (s3://, gs://, https://, ...) and decode it."""
+def read_image(uri: str, storage_options: dict | None = None, max_pixels: int = MAX_PIXELS,
+               retries: int | None = None, backoff: float | None = None) -> Image.Image:
+    """Read a local path or any fsspec URL (s3://, gs://, https://, ...) and decode it. The read is
+    retried on transient storage faults (`pipeline.storage.retry_io`, its defaults when None)."""
     import fsspec
 
-    try:
+    from .storage import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, retry_io
+
+    def read() -> bytes:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            data = f.read()
+            return f.read()
+
+    try:
+        data = retry_io(read, f"read {uri}", DEFAULT_RETRIES if retries is None else retries,
+                        DEFAULT_BACKOFF_S if backoff is None else backoff)
     except FileNotFoundError:
         raise ImageError(f"{uri}: file not found") from None
     except OSError as e:

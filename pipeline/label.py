@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from .schema import BOXES_SCHEMA, CANDIDATES_SCHEMA, attention_schema
-from .storage import Output
+from .storage import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, Output, retry_io
 
 
 @dataclass
@@ -54,6 +54,8 @@ class LabelConfig:
         "help": "torch intra-op threads per CPU actor (0: the node's CPUs shared among its actors)"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: a local instance)"})
     storage_options: dict = field(default_factory=dict, metadata={"help": "fsspec options (never logged)", "secret": True})
+    io_retries: int = field(default=DEFAULT_RETRIES, metadata={"help": "retries of each storage read, write and listing after a transient fault"})
+    io_backoff: float = field(default=DEFAULT_BACKOFF_S, metadata={"help": "seconds before the first storage retry; doubles with each retry"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
     limit: int | None = field(default=None, metadata={"help": "only the first N queries (smoke runs)"})
     progress: bool = field(default=True, metadata={"help": "show Ray Data progress bars"})
@@ -72,14 +74,19 @@ def _list(cfg: LabelConfig) -> tuple[list[dict], str]:
     if len(given) != 1:
         raise ValueError("give exactly one input: --coco ANN.json --images ROOT, --queries MANIFEST, or --shards URL")
     so = cfg.storage_options
+
+    def retried(fn, what):  # a listing is metadata reads only: retried as a whole
+        return retry_io(fn, f"list {what}", cfg.io_retries, cfg.io_backoff)
+
     if cfg.coco:
         if not cfg.images:
             raise ValueError("--coco needs --images ROOT")
-        qs, key = list_coco(cfg.coco, cfg.images, so), f"coco:{cfg.coco}:{cfg.images}"
+        qs, key = retried(lambda: list_coco(cfg.coco, cfg.images, so), cfg.coco), f"coco:{cfg.coco}:{cfg.images}"
     elif cfg.queries:
-        qs, key = list_manifest(cfg.queries, cfg.images, so), f"queries:{cfg.queries}:{cfg.images}"
+        qs = retried(lambda: list_manifest(cfg.queries, cfg.images, so), cfg.queries)
+        key = f"queries:{cfg.queries}:{cfg.images}"
     else:
-        qs, key = list_shards(cfg.shards, so, cfg.categories), f"shards:{cfg.shards}"
+        qs, key = retried(lambda: list_shards(cfg.shards, so, cfg.categories), cfg.shards), f"shards:{cfg.shards}"
     qs = dedupe(qs)
     if cfg.limit:
         qs = qs[: cfg.limit]
@@ -98,20 +105,45 @@ def _versions() -> dict:
     return out
 
 
+class ShardsFailed(RuntimeError):
+    """Some shards could not be completed (storage faults that outlasted the retries). The other
+    shards are written and marked; the run JSON lists the failed ones; rerunning the same command
+    completes them. `summary` is the run summary, `failed` maps shard id -> cause."""
+
+    def __init__(self, failed: dict[str, str], summary: dict):
+        self.failed, self.summary = failed, summary
+        causes = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5])
+        more = f"; ... and {len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(f"{len(failed)} of {summary['counters']['shards']} shard(s) failed and were not written "
+                         f"(run {summary['run_id']}); rerun the same command to complete them, finished shards "
+                         f"are kept: {causes}{more}")
+
+
 class ShardWriter:
     """Buffers result rows per shard; writes the shard's three tables and then its marker as soon
-    as every query of the shard has come back."""
+    as every query of the shard has come back.
+
+    A shard fails as a whole, without a marker, when one of its rows could not be read (a storage
+    fault that outlasted the workers' retries) or one of its writes still fails after the retries;
+    the cause is kept in `failed` and the other shards go on. A rerun recomputes exactly the shards
+    without a marker, so a failed shard costs a recomputation, never a lost or duplicated row."""
 
     def __init__(self, out: Output, expected: dict[str, int], dump_maps: bool):
         self.out, self.expected = out, expected
         self.attn_schema = attention_schema(dump_maps)
         self.buf: dict[str, dict[str, list]] = defaultdict(lambda: {"boxes": [], "candidates": [], "attention": []})
         self.written: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.read_faults: dict[str, str] = {}
         self.status = Counter()
         self.rows = Counter()
 
     def add(self, shard: str, box: dict, cands: list[dict], attn: list[dict]) -> None:
+        from .stages import STORAGE_FAULT
+
         b = self.buf[shard]
+        if box.get("status") == STORAGE_FAULT:
+            self.read_faults.setdefault(shard, box.get("error") or "storage fault")
         b["boxes"].append(box)
         b["candidates"].extend(cands)
         b["attention"].extend(attn)
@@ -120,6 +152,15 @@ class ShardWriter:
 
     def flush(self, shard: str) -> None:
         b = self.buf.pop(shard)
+        if shard in self.read_faults:
+            self.failed[shard] = self.read_faults.pop(shard)
+            return
+        try:
+            self._write(shard, b)
+        except OSError as e:  # a StorageError from Output (retries exhausted) or a permanent fault
+            self.failed[shard] = str(e)
+
+    def _write(self, shard: str, b: dict) -> None:
         self.out.write_table(pa.Table.from_pylist(b["boxes"], schema=BOXES_SCHEMA), "boxes", f"{shard}.parquet")
         self.out.write_table(pa.Table.from_pylist(b["candidates"], schema=CANDIDATES_SCHEMA),
                              "candidates", f"{shard}.parquet")
@@ -178,7 +219,7 @@ def run_label(cfg: LabelConfig) -> dict:
     cfg.run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     profile, regressor = default_paths(cfg.model, cfg.profile, cfg.regressor)
     selector = resolve_selector(cfg, regressor)
-    out = Output(cfg.output, cfg.storage_options)
+    out = Output(cfg.output, cfg.storage_options, retries=cfg.io_retries, backoff=cfg.io_backoff)
     queries, source_key = _list(cfg)
     expected = Counter(q["shard_id"] for q in queries)
     done = out.done_shards()
@@ -214,7 +255,8 @@ def run_label(cfg: LabelConfig) -> dict:
         # Half a CPU per decode task: a resource shape unlike the actor's, so Ray Data keeps decoding
         # in its own tasks (I/O never blocks the model) instead of fusing it into the actor.
         ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
-                            fn_kwargs={"storage_options": cfg.storage_options})
+                            fn_kwargs={"storage_options": cfg.storage_options, "io_retries": cfg.io_retries,
+                                       "io_backoff": cfg.io_backoff})
         ds = ds.map_batches(
             ACSStage, batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -233,16 +275,24 @@ def run_label(cfg: LabelConfig) -> dict:
     if leftover:
         raise RuntimeError(f"{len(leftover)} shard(s) did not receive all their rows: {leftover[:5]}")
     t_end = time.time()
-    counters.update(shards_written=len(writer.written), status=dict(writer.status), rows=dict(writer.rows),
-                    generated_tokens=gen_tokens)
+    counters.update(shards_written=len(writer.written), shards_failed=len(writer.failed), status=dict(writer.status),
+                    rows=dict(writer.rows), generated_tokens=gen_tokens)
     summary = {
         "run_id": cfg.run_id, "config": cfg.public(), "selector": selector, "profile": profile,
         "regressor": regressor, "source": source_key, "versions": _versions(), "counters": counters,
         "timings": {"list_s": t_listed - t_start, "total_s": t_end - t_start, "acs_actor_s": acs_seconds,
                     "queries_per_s": len(pending) / max(1e-9, t_end - t_listed) if pending else None},
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "failed_shards": dict(sorted(writer.failed.items())),
     }
-    out.write_json(summary, "_runs", f"{cfg.run_id}.json")
+    try:
+        out.write_json(summary, "_runs", f"{cfg.run_id}.json")
+    except OSError:
+        if not writer.failed:
+            raise
+        # the store is failing: the shard failures below are the error to report
+    if writer.failed:
+        raise ShardsFailed(writer.failed, summary)
     return summary
 
 

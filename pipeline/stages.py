@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 
 from .images import ImageError, decode_image
+from .storage import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, StorageError, retry_io
 
 # Columns every stage passes through untouched (the query's listing row).
 META_COLUMNS = ("query_id", "image_id", "image_uri", "category", "gt_x1", "gt_y1", "gt_x2", "gt_y2",
@@ -23,10 +24,32 @@ META_COLUMNS = ("query_id", "image_id", "image_uri", "category", "gt_x1", "gt_y1
                 "height")
 
 
-def _read_bytes(rows: list[dict], storage_options: dict | None) -> list[bytes | Exception]:
-    """Image bytes per row: a file per row for paths/URLs, one column read per shard file."""
+# A row whose bytes could not be read because of a storage fault that outlasted the retries
+# (not a missing or broken file: those are `image_error`). It is a transient status that never
+# reaches the tables: the driver writes no file and no marker for a shard holding such a row and
+# reports the shard as failed, so that a rerun of the same command reads and labels it again.
+STORAGE_FAULT = "storage_error"
+
+
+def _read_bytes(rows: list[dict], storage_options: dict | None, retries: int = DEFAULT_RETRIES,
+                backoff: float = DEFAULT_BACKOFF_S) -> list[bytes | Exception]:
+    """Image bytes per row: a file per row for paths/URLs, one column read per shard file. Every
+    read is retried on transient storage faults (`retry_io`); one that still fails leaves a
+    `StorageError` for its rows, any other failure an `ImageError`."""
     import fsspec
     import pyarrow.parquet as pq
+
+    so = storage_options or {}
+
+    def read_file(uri: str) -> bytes:
+        with fsspec.open(uri, "rb", **so) as f:
+            return f.read()
+
+    def read_parquet_column(shard: str):
+        with fsspec.open(shard, "rb", **so) as f:
+            pf = pq.ParquetFile(f)
+            col = next(c for c in ("jpg", "png", "webp", "image") if c in pf.schema_arrow.names)
+            return pf.read(columns=[col]).column(col)
 
     out: list[bytes | Exception | None] = [None] * len(rows)
     by_shard = defaultdict(list)
@@ -37,23 +60,25 @@ def _read_bytes(rows: list[dict], storage_options: dict | None) -> list[bytes | 
             by_shard[r["shard_file"]].append(i)
         else:
             try:
-                with fsspec.open(r["image_uri"], "rb", **(storage_options or {})) as f:
-                    out[i] = f.read()
+                out[i] = retry_io(lambda: read_file(r["image_uri"]), f"read {r['image_uri']}", retries, backoff)
             except FileNotFoundError:
                 out[i] = ImageError(f"{r['image_uri']}: file not found")
-            except Exception as e:  # storage errors become the row's error, with the cause's words
+            except StorageError as e:
+                out[i] = e
+            except Exception as e:  # other read errors become the row's error, with the cause's words
                 out[i] = ImageError(f"{r['image_uri']}: cannot read ({type(e).__name__}: {e})")
     for shard, idxs in by_shard.items():
         try:
             if shard.endswith(".tar"):
-                _read_tar_members(shard, rows, idxs, out, storage_options)
+                # one streaming pass; a retry starts the pass again and overwrites the same slots
+                retry_io(lambda: _read_tar_members(shard, rows, idxs, out, so), f"read {shard}", retries, backoff)
                 continue
-            with fsspec.open(shard, "rb", **(storage_options or {})) as f:
-                pf = pq.ParquetFile(f)
-                col = next(c for c in ("jpg", "png", "webp", "image") if c in pf.schema_arrow.names)
-                data = pf.read(columns=[col]).column(col)
+            data = retry_io(lambda: read_parquet_column(shard), f"read {shard}", retries, backoff)
             for i in idxs:
                 out[i] = data[rows[i]["row_index"]].as_py()
+        except StorageError as e:
+            for i in idxs:
+                out[i] = e
         except Exception as e:
             for i in idxs:
                 out[i] = ImageError(f"{shard}: cannot read shard ({type(e).__name__}: {e})")
@@ -82,17 +107,24 @@ def _read_tar_members(shard: str, rows, idxs, out, storage_options) -> None:
             out[i] = ImageError(f"{shard}: member {name} not found")
 
 
-def load_images(batch: dict, storage_options: dict | None = None, max_pixels: int = 100_000_000) -> dict:
-    """CPU stage: read and decode; adds `pixels` (H, W, 3 uint8), width, height, status, error."""
+def load_images(batch: dict, storage_options: dict | None = None, max_pixels: int = 100_000_000,
+                io_retries: int = DEFAULT_RETRIES, io_backoff: float = DEFAULT_BACKOFF_S) -> dict:
+    """CPU stage: read and decode; adds `pixels` (H, W, 3 uint8), width, height, status, error.
+    Status is `ok`, the query's `pre_status`, `image_error`, or STORAGE_FAULT (see above)."""
     n = len(batch["query_id"])
     # Ray turns all-null columns into float NaN: normalise back to None before looking at values.
     rows = [{c: (_py(batch[c][i]) if c in batch else None) for c in META_COLUMNS} for i in range(n)]
-    data = _read_bytes(rows, storage_options)
+    data = _read_bytes(rows, storage_options, io_retries, io_backoff)
     pixels, status, error, width, height = [], [], [], [], []
     for r, d in zip(rows, data):
         if r.get("pre_status"):
             pixels.append(np.zeros((0, 0, 3), np.uint8))
             status.append(r["pre_status"]), error.append(r["pre_error"])
+            width.append(r.get("width") or 0), height.append(r.get("height") or 0)
+            continue
+        if isinstance(d, StorageError):
+            pixels.append(np.zeros((0, 0, 3), np.uint8))
+            status.append(STORAGE_FAULT), error.append(str(d))
             width.append(r.get("width") or 0), height.append(r.get("height") or 0)
             continue
         try:
