@@ -15,8 +15,10 @@ from dataclasses import dataclass
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _SEP = r"\s*,\s*"
 _QUAD = r"\[\s*" + _NUM + _SEP + _NUM + _SEP + _NUM + _SEP + _NUM + r"\s*\]"
-# Preferred: the family's key ("bbox_2d": [...]); fallback: the first bare list of four numbers.
-_KEYED = re.compile(r'"?bbox(?:_2d)?"?\s*:\s*' + _QUAD)
+# Preferred: a family's box marker, the JSON key of the Qwen families ("bbox_2d": [...]) or
+# InternVL's <box>[[...]]</box> (its outer brackets optional); fallback: the first bare list of four
+# numbers.
+_KEYED = re.compile(r'(?:"?bbox(?:_2d)?"?\s*:\s*|<box>\s*\[?\s*)' + _QUAD)
 _BARE = re.compile(_QUAD)
 
 

@@ -105,6 +105,18 @@ def _versions() -> dict:
     return out
 
 
+def _model_layout(cfg: LabelConfig) -> dict | None:
+    """How the model's family writes boxes and which visual tokens capture covers (InternVL: the
+    tiles, not the thumbnail), so a reader of the run knows what the attention columns mean."""
+    from .models.base import ADAPTERS, family_of, resolve_model
+
+    try:
+        cls = ADAPTERS[family_of(resolve_model(cfg.model), cfg.trust_remote_code)]
+    except Exception as e:  # the actors already loaded the model; this is a record, not a gate
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"family": cls.family, "coord_system": cls.coord_system, "visual_layout": cls.visual_layout}
+
+
 class ShardsFailed(RuntimeError):
     """Some shards could not be completed (storage faults that outlasted the retries). The other
     shards are written and marked; the run JSON lists the failed ones; rerunning the same command
@@ -279,7 +291,8 @@ def run_label(cfg: LabelConfig) -> dict:
                     rows=dict(writer.rows), generated_tokens=gen_tokens)
     summary = {
         "run_id": cfg.run_id, "config": cfg.public(), "selector": selector, "profile": profile,
-        "regressor": regressor, "source": source_key, "versions": _versions(), "counters": counters,
+        "regressor": regressor, "source": source_key, "model_layout": _model_layout(cfg),
+        "versions": _versions(), "counters": counters,
         "timings": {"list_s": t_listed - t_start, "total_s": t_end - t_start, "acs_actor_s": acs_seconds,
                     "queries_per_s": len(pending) / max(1e-9, t_end - t_listed) if pending else None},
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(),

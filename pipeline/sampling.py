@@ -45,20 +45,13 @@ class Generation:
     logprobs: list[list[float]]  # log p(token) under the model (temperature 1) per generated token
     cache: DynamicCache  # prefix + generated tokens
     mask: torch.Tensor  # (Q*K, P) prefix attention mask
-    rope_deltas: torch.Tensor  # (Q*K, 1)
+    rope_deltas: torch.Tensor  # (Q*K, 1) position offset after the prompt (zeros without M-RoPE)
     n_generated: int  # tokens generated over all rows (for cost accounting)
 
 
 def query_seed(seed: int, key: str) -> int:
     """A stable per-query seed, so results do not depend on how queries are batched."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def _text_positions(mask: torch.Tensor, n: int, deltas: torch.Tensor) -> torch.Tensor:
-    # Text tokens after the prompt use one position for all three M-RoPE axes: the count of real
-    # tokens before them plus the per-row offset that the image grid introduced (rope_deltas).
-    pos = mask.long().cumsum(-1)[:, -n:] - 1 + deltas  # (B, n)
-    return pos[None].expand(3, -1, -1)
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -76,9 +69,9 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     model = adapter.model
     k = cfg.num_candidates + (1 if greedy else 0)
     nq = len(query_keys)
-    out = model(**enc.inputs, use_cache=True)  # prefill: vision tower + prompt, once per query
+    out = model(**adapter.prefill_inputs(enc), use_cache=True)  # prefill: vision tower + prompt, once
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    deltas = model.model.rope_deltas.repeat_interleave(k, 0)
+    deltas = adapter.rope_deltas(enc).repeat_interleave(k, 0)
     cache.batch_repeat_interleave(k)
     prefix_mask = enc.inputs["attention_mask"].repeat_interleave(k, 0)
     logits = out.logits[:, -1].float().repeat_interleave(k, 0)  # (Q*K, V)
@@ -111,7 +104,7 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
             break  # no forward for a token that will never be used
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=mask.device)], 1)
         step = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True,
-                     position_ids=_text_positions(mask, 1, deltas))
+                     position_ids=adapter.text_positions(mask, 1, deltas))
         logits = step.logits[:, -1].float()
 
     tok_lists, lp_lists, n_gen = [], [], 0
@@ -160,7 +153,7 @@ def capture_rows(adapter: Adapter, enc: Encoded, gen: Generation, wanted: list[l
     # last token (fed again at input row 0) keeps its own position.
     mask = torch.cat([gen.mask[need],
                       torch.ones(len(need), t_max - 1, dtype=gen.mask.dtype, device=device)], 1)
-    pos = _text_positions(mask, t_max, gen.rope_deltas[need])
+    pos = adapter.text_positions(mask, t_max, gen.rope_deltas[need])
     r_max = max(len(wanted[r]) for r in need)
     row_idx = torch.zeros(len(need), r_max, dtype=torch.long, device=device)
     for i, r in enumerate(need):

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline tiny Qwen2.5-VL models, built once per session.
+"""Shared fixtures: offline tiny models of every supported family, built once per session.
 
 Sections: environment; images; models (tiny random, parrot). Ray fixtures live elsewhere
 (e.g. tests/conftest_ray.py); nothing here starts Ray or any other service.
@@ -53,6 +53,58 @@ def tiny_adapter(tiny_model_dir):
     from pipeline.models.base import load_adapter
 
     return load_adapter(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory):
+    from pipeline.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-vl"), family="qwen3-vl", shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_adapter(tiny_qwen3_vl_dir):
+    from pipeline.models.base import load_adapter
+
+    return load_adapter(str(tiny_qwen3_vl_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(tmp_path_factory):
+    from pipeline.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-internvl"), family="internvl3.5", shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_adapter(tiny_internvl_dir):
+    from pipeline.models.base import load_adapter
+
+    return load_adapter(str(tiny_internvl_dir), device="cpu")
+
+
+# Family-parametrised tests take `family` (or `family_dir` / `family_adapter`, which follow it):
+# one parameter, so a test using several of them never runs a cross product.
+TINY_FIXTURES = {  # family -> (model dir fixture, adapter fixture)
+    "qwen2.5-vl": ("tiny_model_dir", "tiny_adapter"),
+    "qwen3-vl": ("tiny_qwen3_vl_dir", "tiny_qwen3_vl_adapter"),
+    "internvl3.5": ("tiny_internvl_dir", "tiny_internvl_adapter"),
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY_FIXTURES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_dir(request, family):
+    return request.getfixturevalue(TINY_FIXTURES[family][0])
+
+
+@pytest.fixture(scope="module")
+def family_adapter(request, family):
+    return request.getfixturevalue(TINY_FIXTURES[family][1])
 
 
 def _parrot_batches(adapter, n_batches: int = 4, size: int = 3):

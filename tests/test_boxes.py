@@ -59,6 +59,36 @@ def test_find_box_truncated_falls_through_to_later_box():
     assert raw.values == (7.0, 8.0, 9.0, 10.0)
 
 
+def test_find_box_internvl_ref_box():
+    text = "<ref>red circle</ref><box>[[12, 340, 56, 1000]]</box>"
+    raw = find_box(text)
+    assert raw.values == (12.0, 340.0, 56.0, 1000.0)
+    assert _span_texts(text, raw) == ["12", "340", "56", "1000"]
+
+
+@pytest.mark.parametrize("text", [
+    "<box>[12, 340, 56, 1000]</box>",  # without the outer brackets
+    "<box> [[ 12 ,340, 56,1000 ]] </box>",  # loose whitespace
+    "<ref>a</ref><box>[[12, 340, 56, 1000], [1, 2, 3, 4]]</box>",  # several boxes: the first
+])
+def test_find_box_internvl_variants(text):
+    assert find_box(text).values == (12.0, 340.0, 56.0, 1000.0)
+
+
+def test_find_box_internvl_box_preferred_over_earlier_bare_list():
+    text = "<ref>the [1, 2, 3, 4] sign</ref><box>[[5, 6, 7, 8]]</box>"
+    raw = find_box(text)
+    assert raw.values == (5.0, 6.0, 7.0, 8.0)
+    assert raw.spans[0][0] == text.index("5")
+
+
+def test_find_box_qwen3_fenced_json():
+    text = '```json\n[\n\t{"bbox_2d": [105, 220, 480, 999], "label": "cat"}\n]\n```'
+    raw = find_box(text)
+    assert raw.values == (105.0, 220.0, 480.0, 999.0)
+    assert _span_texts(text, raw) == ["105", "220", "480", "999"]
+
+
 @pytest.mark.parametrize("text", [
     '[{"bbox_2d": [1, 2, 3',  # truncated
     '[{"bbox_2d": [1, 2, 3]}]',  # three numbers
@@ -98,6 +128,17 @@ def test_find_box_finds_embedded_box(prefix, nums, suffix):
     if "bbox" not in prefix and "[" not in prefix:
         assert raw.values == tuple(map(float, nums))
         assert raw.spans[0][0] == len(prefix) + body.index("[") + 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=20), st.lists(st.integers(0, 1000), min_size=4, max_size=4), st.text(max_size=20))
+def test_find_box_finds_embedded_internvl_box(prefix, nums, suffix):
+    body = "<box>[[" + ", ".join(map(str, nums)) + "]]</box>"
+    raw = find_box(prefix + body + suffix)
+    assert raw is not None
+    if "bbox" not in prefix and "[" not in prefix and "<box>" not in prefix:
+        assert raw.values == tuple(map(float, nums))
+        assert raw.spans[0][0] == len(prefix) + body.index("[[") + 2
 
 
 # ------------------------------------------------------------------------------------ clamp_box

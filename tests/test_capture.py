@@ -11,20 +11,30 @@ from pipeline.sampling import SamplingConfig, capture_rows, sample
 
 CFG = SamplingConfig(num_candidates=3, max_new_tokens=8)
 N_WANTED = 4  # first generated tokens captured per row
-SIZES = [(112, 84), (168, 140)]  # 12 and 30 visual tokens: the first query is left padded
+# Two images with different visual-token counts in every family (the first query is left padded):
+# Qwen2.5-VL 12 and 36 tokens, Qwen3-VL 12 and 32, InternVL 1 tile (16) and 2 tiles + thumbnail (48).
+SIZES = [(112, 84), (240, 112)]
+CATS = ["red circle", "blue square"]
+
+# Capture exactness is checked for every family: the capture pass must see exactly the language
+# model's decoder attention (per layer index), whatever the family's positions and vision tower.
 
 
 @pytest.fixture(scope="module")
-def eager_model(tiny_model_dir):
+def eager_model(family_dir):
     from pipeline.models.base import load_adapter
 
-    return load_adapter(str(tiny_model_dir), device="cpu", attn_implementation="eager").model
+    return load_adapter(str(family_dir), device="cpu", attn_implementation="eager").model
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_adapter, make_image):
-    images = [make_image(w, h, seed=10 + i) for i, (w, h) in enumerate(SIZES)]
-    enc = tiny_adapter.encode(images, ["red circle", "blue square"])
+def images(make_image):
+    return [make_image(w, h, seed=10 + i) for i, (w, h) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def batch(family_adapter, images):
+    enc = family_adapter.encode(images, CATS)
     assert (enc.inputs["attention_mask"][0] == 0).any()  # padding is exercised
     return enc
 
@@ -34,28 +44,28 @@ def _wanted(gen):
 
 
 @torch.inference_mode()
-def _eager_reference(eager_model, enc, gen, wanted):
+def _eager_reference(adapter, eager_model, images, batch, gen, wanted):
     """Per row: eager attention from the steps of its `wanted` tokens onto its visual tokens,
-    renormalised over them, (R, L, H, V); each row gets its own full forward."""
-    inputs = enc.inputs
-    n_patches = [int(g.prod()) for g in inputs["image_grid_thw"]]
-    offsets = [0] + list(torch.tensor(n_patches).cumsum(0).tolist())
-    p = inputs["input_ids"].shape[1]
+    renormalised over them, (R, L, H, V); each row gets its own full forward, of its query alone
+    (encoded unpadded) followed by the row's generated tokens."""
     refs = []
     for r, toks in enumerate(gen.tokens):
         if not wanted[r]:
             refs.append(None)
             continue
         q = r // gen.k
-        gen_ids = torch.tensor(toks, dtype=torch.long)
-        out = eager_model(
-            input_ids=torch.cat([inputs["input_ids"][q], gen_ids])[None],
-            attention_mask=torch.cat([inputs["attention_mask"][q], torch.ones_like(gen_ids)])[None],
-            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][q], torch.zeros_like(gen_ids)])[None],
-            pixel_values=inputs["pixel_values"][offsets[q]:offsets[q + 1]],
-            image_grid_thw=inputs["image_grid_thw"][q:q + 1],
-            output_attentions=True)
-        vis = enc.visual_positions[q]
+        one = adapter.encode([images[q]], [CATS[q]])
+        inputs = dict(one.inputs)
+        p = inputs["input_ids"].shape[1]
+        gen_ids = torch.tensor(toks, dtype=torch.long)[None]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], gen_ids], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(gen_ids)], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(gen_ids)], 1)
+        out = eager_model(**inputs, output_attentions=True)
+        assert len(out.attentions) == adapter.num_layers  # the decoder's layers, not the vision tower's
+        vis = one.visual_positions[0]
+        assert vis.numel() == batch.visual_positions[q].numel()
         rows = torch.tensor([p - 1 + j for j in wanted[r]])
         att = torch.stack([a[0][:, rows][:, :, vis] for a in out.attentions], 1)  # (H, L, R, V)
         att = att / att.sum(-1, keepdim=True)
@@ -64,17 +74,17 @@ def _eager_reference(eager_model, enc, gen, wanted):
 
 
 @pytest.fixture(scope="module")
-def full_capture(tiny_adapter, eager_model, batch):
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+def full_capture(family_adapter, eager_model, batch, images):
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     wanted = _wanted(gen)
-    refs = _eager_reference(eager_model, batch, gen, wanted)
-    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)))
+    refs = _eager_reference(family_adapter, eager_model, images, batch, gen, wanted)
+    maps = capture_rows(family_adapter, batch, gen, wanted, list(range(family_adapter.num_layers)))
     return gen, wanted, refs, maps
 
 
-def test_capture_matches_eager_attention(tiny_adapter, batch, full_capture):
+def test_capture_matches_eager_attention(family_adapter, batch, full_capture):
     gen, wanted, refs, maps = full_capture
-    nl, nh = tiny_adapter.num_layers, tiny_adapter.num_heads
+    nl, nh = family_adapter.num_layers, family_adapter.num_heads
     assert len(maps) == 2 * CFG.num_candidates + 2
     checked = 0
     for r, (m, ref) in enumerate(zip(maps, refs)):
@@ -91,12 +101,41 @@ def test_capture_matches_eager_attention(tiny_adapter, batch, full_capture):
     assert max((m - 1 / m.shape[-1]).abs().max().item() for m in maps if m is not None) > 1e-3
 
 
-def test_capture_head_subset(tiny_adapter, eager_model, batch, full_capture):
+def test_capture_only_decoder_attention(family_adapter, batch):
+    """`install` routes the language model's attention through the capture function and nothing
+    else: every module that reaches it is a decoder self-attention with its own layer index."""
+    from pipeline import capture
+
+    model = family_adapter.model
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
+    seen = []
+    orig = capture._rows_over_visual
+
+    def spy(req, query, key, scaling):
+        seen.append(query.shape[1])
+        return orig(req, query, key, scaling)
+
+    capture._rows_over_visual = spy
+    try:
+        capture_rows(family_adapter, batch, gen, _wanted(gen), list(range(family_adapter.num_layers)))
+    finally:
+        capture._rows_over_visual = orig
+    assert seen == [family_adapter.num_heads] * family_adapter.num_layers
+    text_cfg = model.config.get_text_config()
+    assert text_cfg._attn_implementation == capture.ATTN_NAME
+    assert model.config.vision_config._attn_implementation != capture.ATTN_NAME
+    idx = sorted(m.layer_idx for m in model.modules()
+                 if getattr(m, "config", None) is text_cfg and hasattr(m, "layer_idx")
+                 and type(m).__name__.endswith("Attention"))
+    assert idx == list(range(family_adapter.num_layers))
+
+
+def test_capture_head_subset(family_adapter, batch, full_capture):
     gen0, _, refs, _ = full_capture
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     assert gen.tokens == gen0.tokens
     wanted = _wanted(gen)
-    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)),
+    maps = capture_rows(family_adapter, batch, gen, wanted, list(range(family_adapter.num_layers)),
                         heads=torch.tensor([1, 3]))
     for m, ref in zip(maps, refs):
         if ref is not None:
@@ -104,44 +143,44 @@ def test_capture_head_subset(tiny_adapter, eager_model, batch, full_capture):
             assert (m - ref[:, :, [1, 3]]).abs().max().item() <= 1e-5
 
 
-def test_capture_single_layer(tiny_adapter, batch, full_capture):
+def test_capture_single_layer(family_adapter, batch, full_capture):
     gen0, _, refs, _ = full_capture
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     wanted = _wanted(gen)
-    maps = capture_rows(tiny_adapter, batch, gen, wanted, [2])
+    maps = capture_rows(family_adapter, batch, gen, wanted, [2])
     for m, ref in zip(maps, refs):
         if ref is not None:
             assert m.shape[1] == 1
             assert (m - ref[:, [2]]).abs().max().item() <= 1e-5
 
 
-def test_capture_sparse_wanted_rows(tiny_adapter, batch, full_capture):
+def test_capture_sparse_wanted_rows(family_adapter, batch, full_capture):
     """Non-contiguous wanted indices, and rows that want nothing, come back as asked."""
     gen0, wanted0, refs, _ = full_capture
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     wanted = [[] for _ in gen.tokens]
     wanted[0] = [3, 1]  # unsorted on purpose
     k = gen.k
     wanted[k] = [2]
     assert len(gen.tokens[0]) >= 4 and len(gen.tokens[k]) >= 3
-    maps = capture_rows(tiny_adapter, batch, gen, wanted, list(range(tiny_adapter.num_layers)))
+    maps = capture_rows(family_adapter, batch, gen, wanted, list(range(family_adapter.num_layers)))
     assert [r for r, m in enumerate(maps) if m is not None] == [0, k]
     assert (maps[0] - refs[0][[3, 1]]).abs().max().item() <= 1e-5
     assert (maps[k] - refs[k][[2]]).abs().max().item() <= 1e-5
 
 
-def test_capture_nothing_wanted(tiny_adapter, batch):
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
-    assert capture_rows(tiny_adapter, batch, gen, [[] for _ in gen.tokens], [0, 1]) == [None] * len(gen.tokens)
+def test_capture_nothing_wanted(family_adapter, batch):
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
+    assert capture_rows(family_adapter, batch, gen, [[] for _ in gen.tokens], [0, 1]) == [None] * len(gen.tokens)
 
 
 # ------------------------------------------------------------------------------------ sampling
 
 
-def test_sample_shapes_and_logprobs(tiny_adapter, batch):
-    gen = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+def test_sample_shapes_and_logprobs(family_adapter, batch):
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     assert gen.k == CFG.num_candidates + 1 and len(gen.tokens) == 2 * gen.k
-    eos = set(tiny_adapter.eos_token_ids)
+    eos = set(family_adapter.eos_token_ids)
     for toks, lps in zip(gen.tokens, gen.logprobs):
         assert len(toks) == len(lps) <= CFG.max_new_tokens
         assert not eos & set(toks)
@@ -149,23 +188,24 @@ def test_sample_shapes_and_logprobs(tiny_adapter, batch):
     assert gen.mask.shape == (2 * gen.k, batch.inputs["input_ids"].shape[1])
 
 
-def test_sample_same_seed_same_samples(tiny_adapter, batch):
-    a = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
-    b = sample(tiny_adapter, batch, CFG, ["qa", "qb"])
+def test_sample_same_seed_same_samples(family_adapter, batch):
+    a = sample(family_adapter, batch, CFG, ["qa", "qb"])
+    b = sample(family_adapter, batch, CFG, ["qa", "qb"])
     assert a.tokens == b.tokens and a.logprobs == b.logprobs
-    c = sample(tiny_adapter, batch, SamplingConfig(num_candidates=3, max_new_tokens=8, seed=1), ["qa", "qb"])
+    c = sample(family_adapter, batch, SamplingConfig(num_candidates=3, max_new_tokens=8, seed=1), ["qa", "qb"])
     k = a.k
     assert [c.tokens[0], c.tokens[k]] == [a.tokens[0], a.tokens[k]]  # greedy rows do not depend on the seed
     assert c.tokens != a.tokens
     assert len({tuple(t) for t in a.tokens[1:k]}) > 1  # sampled rows differ from one another
 
 
-def test_sample_independent_of_batch(tiny_adapter, make_image):
-    small, big = make_image(112, 84, seed=1), make_image(196, 168, seed=2)
-    alone = sample(tiny_adapter, tiny_adapter.encode([small], ["red circle"]), CFG, ["A"])
-    enc = tiny_adapter.encode([big, small], ["blue square", "red circle"])
+def test_sample_independent_of_batch(family_adapter, make_image):
+    """Also checks each family's positions: a left-padded query decodes as it does alone."""
+    small, big = make_image(112, 84, seed=1), make_image(240, 112, seed=2)
+    alone = sample(family_adapter, family_adapter.encode([small], ["red circle"]), CFG, ["A"])
+    enc = family_adapter.encode([big, small], ["blue square", "red circle"])
     assert (enc.inputs["attention_mask"][1] == 0).any()  # A is left padded in the batch
-    both = sample(tiny_adapter, enc, CFG, ["B", "A"])
+    both = sample(family_adapter, enc, CFG, ["B", "A"])
     k = alone.k
     assert both.tokens[k:] == alone.tokens
     for x, y in zip(both.logprobs[k:], alone.logprobs):
@@ -185,6 +225,20 @@ def test_greedy_row_equals_generate(parrot_adapter, make_image):
         row = row[: row.index(eos)] if eos in row else row
         assert gen.tokens[q * gen.k] == row
         assert '"bbox_2d": [10, 20, 50, 60]' in ad.tokenizer.decode(row)
+
+
+@torch.inference_mode()
+def test_greedy_row_equals_generate_every_family(family_adapter, batch):
+    """The greedy row of `sample` (explicit positions, repeated cache) is what `generate` decodes."""
+    ad = family_adapter
+    gen = sample(ad, batch, SamplingConfig(num_candidates=1, max_new_tokens=8), ["q0", "q1"])
+    ref = ad.model.generate(**batch.inputs, do_sample=False, max_new_tokens=8)
+    p = batch.inputs["input_ids"].shape[1]
+    eos = ad.eos_token_ids[0]
+    for q in range(2):
+        row = ref[q, p:].tolist()
+        row = row[: row.index(eos)] if eos in row else row
+        assert gen.tokens[q * gen.k] == row
 
 
 # ------------------------------------------------------------------------------------ helpers

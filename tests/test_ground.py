@@ -240,3 +240,59 @@ def test_cli_zero_byte_image(tmp_path, capsys):
     assert main([str(empty), "--query", "red circle", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "empty" in err
+
+
+# ------------------------------------------------------------------------------------ every family
+
+
+def test_ground_every_family_random_model(family_adapter, make_image):
+    """One query end to end on each family's tiny random model: a status, never an exception."""
+    qs = [Query("f0", make_image(240, 112, seed=5), "red circle", gt=(10, 10, 60, 50))]
+    res = Grounder(family_adapter, GroundConfig(sampling=SamplingConfig(num_candidates=2, max_new_tokens=12))
+                   ).ground(qs)[0]
+    assert res.status in {"ok", "no_box"} and len(res.candidates) == 3
+    assert all(c.status in {"ok", "no_box"} for c in res.candidates)
+    assert res.grid_hw == family_adapter.encode([qs[0].image], ["x"]).grids[0]
+
+
+def test_ground_every_family_with_a_box(family_adapter, make_image, monkeypatch):
+    """The candidates' tokens replaced by the family's own answer for a known box (teacher forcing:
+    capture only keeps the prompt's cache), so parsing, capture and every score run on each family."""
+    import pipeline.ground as ground_mod
+
+    ad = family_adapter
+    image, gt = make_image(240, 112, seed=6), (30.0, 20.0, 150.0, 90.0)
+    enc = ad.encode([image], ["red circle"])
+    answer = ad.answer_text(ad.from_original(gt, enc.input_sizes[0], enc.orig_sizes[0]), "red circle")
+    forced = ad.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    real_sample = ground_mod.sample
+
+    def forced_sample(*args, **kwargs):
+        gen = real_sample(*args, **kwargs)
+        for r in range(len(gen.tokens)):
+            if r % 2 == 0:  # every other candidate answers the box; the rest keep their random text
+                gen.tokens[r], gen.logprobs[r] = list(forced), [-0.5] * len(forced)
+        return gen
+
+    monkeypatch.setattr(ground_mod, "sample", forced_sample)
+    res = Grounder(ad, GroundConfig(sampling=SamplingConfig(num_candidates=3, max_new_tokens=8))).ground(
+        [Query("f1", image, "red circle", gt=gt)])[0]
+    assert res.status == "ok"
+    nl, nh = ad.num_layers, ad.num_heads
+    gh, gw = res.grid_hw
+    for c in res.candidates[::2]:
+        assert c.status == "ok" and c.box == pytest.approx(gt, abs=0.5 * max(image.width, image.height) / 1000 + 0.6)
+        assert c.entropy.shape == (4, nl, nh) and np.isfinite(c.entropy).all()
+        assert c.entropy.max() <= math.log(gh * gw) + 1e-5
+        assert 0 <= c.scores["loc-mass"] <= 1 + 1e-6 and math.isfinite(c.scores["acs-free"])
+        assert c.iou == pytest.approx(1.0, abs=0.05)
+    assert res.selected["acs-free"] is not None and res.selected["oracle"] is not None
+
+
+def test_cli_every_family(family_dir, image_path, capsys):
+    from jobs.ground import main
+
+    rc = main([str(image_path), "--query", "red circle", "--model", str(family_dir), "--num-candidates", "2",
+               "--max-new-tokens", "12", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["status"] in {"ok", "no_box"} and len(out["candidates"]) == 3

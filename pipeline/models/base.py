@@ -26,7 +26,9 @@ class Encoded:
     inputs: dict  # processor output, on the model's device
     visual_positions: list[torch.Tensor]  # per item: sequence positions of its visual tokens
     grids: list[tuple[int, int]]  # per item: (h, w) of the merged token grid, raster order
-    input_sizes: list[tuple[int, int]]  # per item: (height, width) of the resized model input
+    # per item: (height, width) of the resized model input that the grid covers (InternVL: the
+    # tile canvas, or the thumbnail with layout="thumbnail")
+    input_sizes: list[tuple[int, int]]
     orig_sizes: list[tuple[int, int]]  # per item: (height, width) of the original image
 
 
@@ -44,12 +46,20 @@ class Adapter:
     family: str = ""
     # How the family writes coordinates: "absolute" (pixels of the resized input) or "norm1000".
     coord_system: str = "absolute"
+    # Which visual tokens `Encoded.visual_positions` / `grids` cover (and so what capture
+    # renormalises over): "native" = every visual token of the image, one merged grid. Families
+    # with several views of an image (InternVL's tiles + thumbnail) say which view(s) they expose.
+    visual_layout: str = "native"
 
     def __init__(self, model, processor, model_id: str):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_id = model_id
+
+    def layout_info(self) -> dict:
+        """What a run record should carry about how this adapter reads boxes and visual tokens."""
+        return {"family": self.family, "coord_system": self.coord_system, "visual_layout": self.visual_layout}
 
     # ---- text -------------------------------------------------------------------------------
     def check_query(self, category: str) -> str | None:
@@ -83,6 +93,36 @@ class Adapter:
     # ---- layout -----------------------------------------------------------------------------
     def encode(self, images, categories) -> Encoded:
         raise NotImplementedError
+
+    def _to_device(self, inputs) -> dict:
+        device = self.model.device
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    # ---- positions --------------------------------------------------------------------------
+    # Sampling prefills with `prefill_inputs` and then passes positions explicitly. The default is
+    # M-RoPE (Qwen2.5-VL, Qwen3-VL): the model derives the prompt's 3-axis positions itself and
+    # keeps per-row offsets (`rope_deltas`) that text positions after the prompt add.
+    def prefill_inputs(self, enc: Encoded) -> dict:
+        """Keyword arguments of the prefill forward (the processor output by default)."""
+        return enc.inputs
+
+    def rope_deltas(self, enc: Encoded) -> torch.Tensor:
+        """Per-row position offset after the prefill, (B, 1)."""
+        deltas = getattr(self.model.model, "rope_deltas", None)
+        if deltas is None:
+            return torch.zeros(enc.inputs["input_ids"].shape[0], 1, dtype=torch.long,
+                               device=enc.inputs["input_ids"].device)
+        return deltas
+
+    def text_positions(self, mask: torch.Tensor, n: int, deltas: torch.Tensor) -> torch.Tensor:
+        """Position ids of the last `n` tokens of rows with attention `mask` (B, P)."""
+        # Text tokens after the prompt use one position for all three M-RoPE axes: the count of real
+        # tokens before them plus the per-row offset that the image grid introduced (rope_deltas).
+        pos = mask.long().cumsum(-1)[:, -n:] - 1 + deltas  # (B, n)
+        return pos[None].expand(3, -1, -1)
 
     @property
     def num_layers(self) -> int:
@@ -167,11 +207,16 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def _register_families() -> None:
+    # Every family module registers itself on import; `pipeline.models` imports them all, this
+    # makes the registry complete however `base` itself was reached.
+    from . import internvl, qwen2_5_vl, qwen3_vl  # noqa: F401
+
+
 def family_of(model: str, trust_remote_code: bool = False) -> str:
     from transformers import AutoConfig
 
-    from . import qwen2_5_vl  # noqa: F401  (registers the family; the registry is filled on import)
-
+    _register_families()
     cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     family = MODEL_TYPES.get(cfg.model_type)
     if family is None:
@@ -181,10 +226,12 @@ def family_of(model: str, trust_remote_code: bool = False) -> str:
 
 
 def load_adapter(model: str = "organism", device: str | None = None, dtype: str = "auto",
-                 trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Adapter:
+                 trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                 **adapter_kwargs) -> Adapter:
     """Load model and processor (hub id, local directory or `organism`) behind its family adapter.
 
     `HF_HUB_OFFLINE=1` is honoured by transformers itself; weights load only from safetensors.
+    `adapter_kwargs` go to the family adapter (e.g. `layout=` for InternVL).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -204,4 +251,4 @@ def load_adapter(model: str = "organism", device: str | None = None, dtype: str 
     meta = Path(path) / "acs_model.json"
     if os.path.isdir(path) and meta.exists():
         model_id = json.loads(meta.read_text()).get("model_id", model)
-    return ADAPTERS[family](net, processor, model_id)
+    return ADAPTERS[family](net, processor, model_id, **adapter_kwargs)

@@ -7,8 +7,6 @@ visual span of an image reshapes to (grid_h / merge, grid_w / merge) directly.
 
 from __future__ import annotations
 
-import torch
-
 from .base import Adapter, Encoded, register
 
 
@@ -43,10 +41,6 @@ class Qwen25VLAdapter(Adapter):
             visual_positions.append(pos)
             grids.append((gh, gw))
             input_sizes.append((h * patch, w * patch))
-        device = self.model.device
-        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return Encoded(inputs=inputs, visual_positions=visual_positions, grids=grids,
+        return Encoded(inputs=self._to_device(inputs), visual_positions=visual_positions, grids=grids,
                        input_sizes=input_sizes,
                        orig_sizes=[(im.height, im.width) for im in images])

@@ -1,4 +1,4 @@
-"""An offline tokenizer and chat template with Qwen2.5-VL's special tokens.
+"""An offline tokenizer and chat templates with the special tokens of each supported family.
 
 Real Qwen2.5-VL checkpoints ship a 151k-token byte-level BPE; we cannot download it, and the
 organism does not need it. This builds a small byte-level BPE (trained on the kinds of text the
@@ -9,6 +9,11 @@ Integers 0..`max_number` are single tokens: the organism predicts one token per 
 feasibility probe found digit-by-digit coordinates much slower to learn). The adapter never relies
 on that: it maps coordinates to tokens through character offsets, so digit-split tokenizers (the
 real Qwen) work the same way.
+
+Qwen3-VL and InternVL-3.5 (whose language model is Qwen3) share Qwen's base special tokens; each
+family adds its own on top (`FAMILY_SPECIAL_TOKENS`) and has its own chat template layout
+(`CHAT_TEMPLATES`). The Qwen2.5-VL tokenizer (the organism's) is unchanged by them: family tokens
+are appended after the integers, so every Qwen2.5-VL id stays what it was.
 """
 
 from __future__ import annotations
@@ -56,6 +61,51 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's chat template layout: no default system message (unlike Qwen2.5-VL), vision markers
+# around each image, no thinking block for the Instruct models.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# InternVL's HF chat template layout: one <IMG_CONTEXT> placeholder per image followed by a newline,
+# which `InternVLProcessor` expands to <img> + <IMG_CONTEXT> x (256 per tile) + </img>.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<IMG_CONTEXT>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Special tokens a family adds to Qwen's (InternVL's own tokenizer carries these; its processor
+# finds the image ones through the named attributes below).
+FAMILY_SPECIAL_TOKENS = {
+    "qwen2.5-vl": [],
+    "qwen3-vl": [],
+    "internvl3.5": ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                    "</box>", "<video>"],
+}
+FAMILY_NAMED_TOKENS = {
+    "internvl3.5": {"start_image_token": "<img>", "end_image_token": "</img>",
+                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+}
+CHAT_TEMPLATES = {"qwen2.5-vl": CHAT_TEMPLATE, "qwen3-vl": QWEN3_VL_CHAT_TEMPLATE,
+                  "internvl3.5": INTERNVL_CHAT_TEMPLATE}
+
 _WORDS = (
     "detect the in image output its bounding box as json format bbox_2d label locate find "
     "object a an of and with you are helpful assistant system user please give coordinates "
@@ -75,9 +125,12 @@ def _training_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024):
-    """A `PreTrainedTokenizerFast` with Qwen2.5-VL's special tokens and chat template."""
+def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024, family: str = "qwen2.5-vl"):
+    """A `PreTrainedTokenizerFast` with the family's special tokens and chat template."""
     from transformers import PreTrainedTokenizerFast
+
+    if family not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown family {family!r}; supported: {sorted(CHAT_TEMPLATES)}")
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -92,13 +145,17 @@ def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024):
     # Whole integers as added (non-special) tokens: matched before pre-tokenisation, longest first,
     # so "123" is one token and decodes back to "123".
     tok.add_tokens([str(i) for i in range(max_number + 1)])
+    extra = FAMILY_SPECIAL_TOKENS[family]
+    if extra:
+        tok.add_special_tokens(extra)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=SPECIAL_TOKENS[1:] + extra,
         model_max_length=32768,
         padding_side="left",
+        **FAMILY_NAMED_TOKENS.get(family, {}),
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATES[family]
     return fast

@@ -159,6 +159,8 @@ def test_run_json_counters_versions_timings(synthetic_run):
     c = j["counters"]
     assert (c["queries"], c["shards"], c["shards_written"], c["shards_skipped"]) == (23, 3, 3, 0)
     assert c["generated_tokens"] > 0
+    assert c["shards_failed"] == 0 and j["failed_shards"] == {}
+    assert j["model_layout"] == {"family": "qwen2.5-vl", "coord_system": "absolute", "visual_layout": "native"}
     v = j["versions"]
     assert v["ray"] == ray.__version__ and v["pyarrow"] == pa.__version__ and v["acs-pipeline"]
     assert {"python", "platform", "torch", "transformers", "polars"} <= set(v)
