@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                          "weights and step count carry over, the optimizer starts fresh (it is not shipped)")
     ap.add_argument("--premise", action="store_true",
                     help="only evaluate the checkpoint's premise metrics on calib (per temperature) and exit")
+    ap.add_argument("--rope-theta", type=float, default=0,
+                    help="with --init-from: change the text rotary base (the organism's own default is 30; "
+                         "the first checkpoint used 10000, see OrganismConfig.rope_theta)")
     ap.add_argument("--turns", type=int, default=4,
                     help="queries per training scene, as a multi-turn chat whose first turn is the inference prompt")
     ap.add_argument("--input", default=None, metavar="WxH",
@@ -189,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         processor = AutoProcessor.from_pretrained(ckpt)
         print(f"resuming at step {state['step']}", flush=True)
     elif args.init_from:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(args.init_from)
+        if args.rope_theta:  # rotary frequencies are recomputed from the config at load
+            config.text_config.rope_parameters["rope_theta"] = args.rope_theta
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init_from, config=config,
+                                                                   dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(args.init_from)
         prior = json.loads((Path(args.init_from) / "acs_model.json").read_text())
         state.update(step=int(prior.get("steps", 0)), next_index=int(prior.get("next_index", 0)),
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     source = ckpt if (ckpt / "state.json").exists() else Path(args.init_from) if args.init_from else None
     oc = OrganismConfig(**json.loads((source / "acs_model.json").read_text())["organism_config"]) \
         if source is not None else OrganismConfig()
+    oc.rope_theta = model.config.text_config.rope_parameters["rope_theta"]
     if args.input:
         w, h = (int(v) for v in args.input.lower().split("x"))
         oc.input_width, oc.input_height = w, h

@@ -37,6 +37,11 @@ class OrganismConfig:
     patch_size: int = 8
     input_width: int = 320
     input_height: int = 240
+    # Qwen2.5-VL splits the rotary frequencies contiguously: t takes the highest, h the next, w the
+    # lowest. At the 7B's theta and this head size (32), 16 columns of visual tokens would span
+    # 0.05 rad of the w frequencies: horizontal position invisible to attention. A small theta
+    # gives every axis usable frequencies (theta 30: w spans 0.65-1.9 rad over 16 columns).
+    rope_theta: float = 30.0
 
 
 def organism_configs(oc: OrganismConfig, tokenizer):
@@ -50,7 +55,7 @@ def organism_configs(oc: OrganismConfig, tokenizer):
                 num_hidden_layers=oc.text_layers, num_attention_heads=oc.text_heads,
                 num_key_value_heads=oc.text_kv_heads, rms_norm_eps=1e-6, max_position_embeddings=4096,
                 tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope})
+                rope_parameters={"rope_type": "default", "rope_theta": oc.rope_theta, "mrope_section": mrope})
     vision = dict(depth=oc.vision_depth, hidden_size=oc.vision_hidden, intermediate_size=oc.vision_ffn,
                   num_heads=oc.vision_heads, out_hidden_size=oc.text_hidden, patch_size=oc.patch_size,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=oc.patch_size * 2 * 8,
