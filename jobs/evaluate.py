@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"regressor: Pearson r {r['pearson']:.3f}, Spearman {r['spearman']:.3f} over {r['n']} candidates; "
               f"ECE {r['reliability']['ece']:.3f}")
     print(f"no_box share: greedy {result['no_box_share']['greedy']:.3f}, sampled {result['no_box_share']['sampled']}")
+    if "sampling" in result:
+        sm = result["sampling"]
+        print(f"sampling: {sm['sampled_per_query_mean']:.2f} of {sm['sampled_per_query_max']} candidates sampled per "
+              f"query on average; {sm['queries_stopped_early']} queries stopped early (adaptive K)")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")

@@ -163,8 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--premise", action="store_true",
                     help="only evaluate the checkpoint's premise metrics on calib (per temperature) and exit")
     ap.add_argument("--rope-theta", type=float, default=0,
-                    help="with --init-from: change the text rotary base (the organism's own default is 30; "
-                         "the first checkpoint used 10000, see OrganismConfig.rope_theta)")
+                    help="text rotary base (default: OrganismConfig's 30 for a new model, the checkpoint's with "
+                         "--init-from; the first 1,050 steps of the shipped organism used 10000)")
+    ap.add_argument("--reinit-vision", action="store_true",
+                    help="with --init-from: keep the language model, start the vision tower and merger afresh")
+    ap.add_argument("--text-lr-scale", type=float, default=1.0,
+                    help="learning-rate multiplier of the language model")
+    ap.add_argument("--vision-lr-scale", type=float, default=1.0,
+                    help="learning-rate multiplier of the vision tower and merger")
+    ap.add_argument("--freeze-vision-steps", type=int, default=0,
+                    help="keep the vision tower fixed for the first N steps of this schedule, so the language "
+                         "model learns to read its features before they can change (trained jointly from the "
+                         "start, the tower collapsed to one constant vector and the model ignored the image)")
     ap.add_argument("--turns", type=int, default=4,
                     help="queries per training scene, as a multi-turn chat whose first turn is the inference prompt")
     ap.add_argument("--input", default=None, metavar="WxH",
@@ -205,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                      wall_s=float(prior.get("wall_s", 0.0)), schedule_start=int(prior.get("steps", 0)))
         print(f"continuing from {args.init_from} at step {state['step']} (fresh optimizer)", flush=True)
     else:
-        model, processor = build(args.seed)
+        new_cfg = OrganismConfig()
+        if args.rope_theta:
+            new_cfg.rope_theta = args.rope_theta
+        model, processor = build(args.seed, new_cfg)
     source = ckpt if (ckpt / "state.json").exists() else Path(args.init_from) if args.init_from else None
     oc = OrganismConfig(**json.loads((source / "acs_model.json").read_text())["organism_config"]) \
         if source is not None else OrganismConfig()
@@ -224,7 +237,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"organism: {n_params / 1e6:.2f}M parameters", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if args.reinit_vision and not (ckpt / "state.json").exists():
+        # A fresh vision tower + merger (seeded) under the loaded language model: see --reinit-vision.
+        fresh, _ = build(args.seed)
+        model.model.visual.load_state_dict(fresh.model.visual.state_dict())
+        del fresh
+        print("vision tower and merger re-initialised", flush=True)
+    visual = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    vis_ids = {id(p) for p in visual}
+    text = [p for p in model.parameters() if id(p) not in vis_ids]
+    opt = torch.optim.AdamW([{"params": text, "scale": args.text_lr_scale},
+                             {"params": visual, "scale": args.vision_lr_scale, "vision": True}],
+                            lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    # How much of the image reaches the language model: per visual token, the norm of its deviation
+    # from the batch's mean visual token over the mean's norm. A vision tower that collapses to one
+    # constant vector shows here (it happened twice: about 0.04 at step 822 and 0.007 at step 1,300,
+    # against 2 at initialisation; the coordinates were then independent of the image).
+    vstats: list[float] = []
+
+    def _vision_hook(_m, _inp, out):
+        v = out.detach().float()
+        mean = v.mean(0)
+        vstats.append(((v - mean).norm(dim=-1).mean() / mean.norm().clamp_min(1e-9)).item())
+
+    model.model.visual.merger.register_forward_hook(_vision_hook)
     if (ckpt / "optimizer.safetensors").exists():
         _load_opt(opt, model, ckpt / "optimizer.safetensors")
 
@@ -257,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         step = state["step"]
         enc, answers, nxt = batcher.batch(state["next_index"], args.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
+        frozen = step < state.get("schedule_start", 0) + args.freeze_vision_steps
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = 0.0 if (frozen and g.get("vision")) else lr_at(step) * g["scale"]
         outputs = model(**inputs)
         logits = outputs.logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -272,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         state["next_index"] = nxt
         if state["step"] % 20 == 0:
             rec = {"step": state["step"], "loss": sum(losses) / len(losses), "lr": lr_at(step),
+                   "vision_content": round(sum(vstats) / max(1, len(vstats)), 4),
                    "wall_s": round(wall0 + time.time() - t_start, 1)}
             losses = []
+            vstats.clear()
             print(json.dumps(rec), flush=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

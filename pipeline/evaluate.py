@@ -123,13 +123,26 @@ def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | N
     if "score_acs_learned" in ok.columns and ok["score_acs_learned"].drop_nulls().drop_nans().len() > 1:
         v = ok.filter(pl.col("score_acs_learned").is_not_null() & pl.col("iou").is_not_null())
         p, t = v["score_acs_learned"].to_numpy(), v["iou"].to_numpy()
+        rel = {k: ([None if not np.isfinite(x) else float(x) for x in v] if isinstance(v, np.ndarray) else v)
+               for k, v in reliability(p, t).items()}  # eval.json holds numbers, not numpy reprs
         out["regressor"] = {"pearson": pearson(p, t), "spearman": spearman(p, t), "n": int(len(p)),
-                            "reliability": reliability(p, t)}
+                            "reliability": rel}
     # No-box share of sampled candidates (diversity without garbage).
     out["no_box_share"] = {
         "greedy": float((cands.filter(pl.col("cand_idx") == 0)["status"] != "ok").mean()),
         "sampled": float((cands.filter(pl.col("cand_idx") > 0)["status"] != "ok").mean())
         if cands.filter(pl.col("cand_idx") > 0).height else None}
+    # Sampling cost, so adaptive K's saving is read next to its accuracy: candidates actually
+    # sampled per query (adaptive K marks the ones it did not need `skipped`).
+    sampled = cands.filter(pl.col("cand_idx") > 0)
+    if sampled.height:
+        per_q = sampled.group_by("query_id").agg((pl.col("status") != "skipped").sum().alias("n"),
+                                                 pl.len().alias("k"))
+        out["sampling"] = {
+            "sampled_per_query_max": int(per_q["k"].max()),
+            "sampled_per_query_mean": float(per_q["n"].mean()),
+            "skipped_share": float((sampled["status"] == "skipped").mean()),
+            "queries_stopped_early": int((per_q["n"] < per_q["k"]).sum())}
     # COCO AP of the selected boxes, the confidence as score (auto-label quality).
     cat_ids = {c: i + 1 for i, c in enumerate(sorted(with_gt["category"].unique().to_list()))}
     img_ids = {c: i + 1 for i, c in enumerate(sorted(with_gt["image_id"].cast(pl.String).unique().to_list()))}

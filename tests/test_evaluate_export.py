@@ -45,8 +45,40 @@ def test_evaluate_run_numbers(run):
     # ACS-Learned scores are IoU + 0.1 clipped: rank-correlated, calibrated within 0.1.
     assert res["regressor"]["spearman"] > 0.99  # monotone up to the ties that clipping at 1 makes
     assert res["regressor"]["reliability"]["ece"] <= 0.1 + 1e-9
+    rel = json.loads(json.dumps(res["regressor"]["reliability"]))  # plain JSON numbers, None for empty bins
+    assert rel["bin_edges"][0] == 0.0 and rel["bin_edges"][-1] == 1.0 and len(rel["count"]) == 10
+    assert sum(rel["count"]) == res["regressor"]["n"]
+    assert all(m is None for m, c in zip(rel["mean_pred"], rel["count"]) if c == 0)
     assert 0.0 <= res["coco_ap"]["AP"] <= 1.0
     assert res["queries"] == len(QUERIES) and res["queries_with_gt"] == len(QUERIES) - 1
+    # No candidate was skipped (full N): every sampled candidate counts, no query stopped early.
+    cands = pl.read_parquet(f"{run}/candidates/*.parquet")
+    k = cands.filter(pl.col("cand_idx") > 0).group_by("query_id").len()["len"]
+    assert res["sampling"]["sampled_per_query_mean"] == pytest.approx(k.mean())
+    assert res["sampling"]["skipped_share"] == 0.0 and res["sampling"]["queries_stopped_early"] == 0
+
+
+def test_evaluate_counts_adaptive_k_skips(run, tmp_path):
+    """Candidates marked `skipped` by adaptive K lower the sampled count, per query."""
+    import shutil
+
+    from pipeline.evaluate import evaluate_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    files = sorted((copy / "candidates").glob("*.parquet"))
+    cands = pl.concat([pl.read_parquet(f) for f in files])
+    first_q = sorted(cands["query_id"].unique().to_list())[0]
+    top = cands.filter(pl.col("query_id") == first_q)["cand_idx"].max()
+    cands = cands.with_columns(pl.when((pl.col("query_id") == first_q) & (pl.col("cand_idx") == top))
+                               .then(pl.lit("skipped")).otherwise(pl.col("status")).alias("status"))
+    for f in files[1:]:
+        f.unlink()
+    cands.write_parquet(files[0])
+    res = evaluate_run(str(copy))
+    sampled = cands.filter(pl.col("cand_idx") > 0)
+    assert res["sampling"]["queries_stopped_early"] == 1
+    assert res["sampling"]["skipped_share"] == pytest.approx(1 / sampled.height)
 
 
 def test_calibrate_prefers_sharp_heads(run, tmp_path):
