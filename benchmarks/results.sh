@@ -26,6 +26,8 @@ $ACS train-regressor "$OUT/runs/train" --calib "$OUT/runs/calib" --output "$OUT/
 $ACS calibrate "$OUT/runs/calib" --method saliency --regressor "$OUT/regressor" --output "$OUT/head_profile_saliency.json"
 # 3. test on both variants with the fitted profile and regressor
 for data in shapes-test shapes-shift-test; do
-  label "$data" "$data" --profile "$OUT/head_profile.json" --regressor "$OUT/regressor" --selector acs-learned
+  # pooled maps on test too: the report overlays the deciding heads' attention in its gallery
+  label "$data" "$data" --profile "$OUT/head_profile.json" --regressor "$OUT/regressor" --selector acs-learned --dump-maps
   $ACS evaluate "$OUT/runs/$data" --markdown "$OUT/$data.md"
+  $ACS report "$OUT/runs/$data" --output "$OUT/$data.html"
 done

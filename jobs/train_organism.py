@@ -98,6 +98,36 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
 
 
 @torch.inference_mode()
+def image_dependence(adapter, n: int = 8, seed: int = 0) -> dict:
+    """Does the model look at the image? Mean cross-entropy of the coordinate tokens of `n` calib
+    answers with their own images and with the images rotated by one within the batch. Equal
+    values mean the coordinates ignore the image (this organism's plateau: see its model card)."""
+    from pipeline.organism import Batcher, training_inputs
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    enc, conts, _ = Batcher(adapter, split="calib", seed=seed, turns=1).batch(0, n)
+    number_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([str(i) for i in range(1024)]))
+
+    def coord_ce() -> float:
+        inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
+        logits = adapter.model(**inputs).logits[:, :-1].float()
+        lab = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                               ignore_index=-100, reduction="none").reshape(lab.shape)
+        return ce[torch.isin(lab, number_ids)].mean().item()
+
+    own = coord_ce()
+    pv = enc.inputs["pixel_values"]
+    per = pv.shape[0] // n  # same-size images: equal patch counts per image
+    enc.inputs["pixel_values"] = torch.cat([pv[((i + 1) % n) * per:((i + 1) % n + 1) * per] for i in range(n)])
+    swapped = coord_ce()
+    enc.inputs["pixel_values"] = pv
+    adapter.model.train(was_training)
+    return {"coord_ce_own_image": own, "coord_ce_other_image": swapped, "gap": swapped - own}
+
+
+@torch.inference_mode()
 def premise_eval(adapter, variant: str = "shapes", split: str = "calib", n: int = 96,
                  temperatures=(0.7, 1.0, 1.3), num_candidates: int = 10) -> dict:
     """What ACS needs from the organism, per sampling temperature, on held-out queries:
@@ -230,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     model.config.get_text_config()._attn_implementation = "sdpa"
     adapter = _adapter(model, processor)
     if args.premise:
-        result = {"step": state["step"], "premise (shapes/calib)": premise_eval(adapter, n=args.eval_n)}
+        result = {"step": state["step"], "premise (shapes/calib)": premise_eval(adapter, n=args.eval_n),
+                  "image_dependence": image_dependence(adapter)}
         print(json.dumps(result, indent=1), flush=True)
         with log_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
@@ -319,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
             ev = greedy_eval(adapter, "shapes", "calib", args.eval_n)
             rec = {"step": state["step"], "eval": "shapes/calib greedy", **{
-                k: v for k, v in ev.items()}}
+                k: v for k, v in ev.items()}, "image_dependence": image_dependence(adapter)}
             print(json.dumps(rec), flush=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
