@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
 
-    from pipeline.label import LabelConfig, run_label, summary_text
+    from pipeline.label import ConfigMismatch, LabelConfig, run_label, summary_text
     from pipeline.synthetic import make_synthetic
 
     out = Path(args.out)
@@ -35,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LabelConfig(output=str(out / "labels"), coco=str(data / "annotations.json"), images=str(data),
                       model=args.model, num_candidates=args.num_candidates, batch_size=args.batch_size,
                       shard_size=64, progress=sys.stderr.isatty())
-    summary = run_label(cfg)
+    try:
+        summary = run_label(cfg)
+    except ConfigMismatch as e:
+        # The demo owns its output folder: labels from another model or setting (say, an organism
+        # retrained since) are replaced, not silently reused.
+        print(f"demo: relabelling, {cfg.output} is from another configuration ({e})", file=sys.stderr)
+        shutil.rmtree(cfg.output)
+        summary = run_label(cfg)
     print(summary_text(summary, cfg.output))
     n = summary["counters"]["queries_pending"]
     print(f"\ndemo: {n} queries labelled in {time.time() - t0:.1f} s wall "

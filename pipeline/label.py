@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -103,6 +104,97 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# What a shard's rows depend on, besides its queries. An output's shards must all come from one
+# value of these: a rerun with another model or sampling setting into the same output would
+# otherwise "resume" (skip the finished shards) and leave two configurations in one table.
+# (`limit` is not one: a limited run's shards are the first shards of the full run, see _complete.)
+RESULT_FIELDS = ("coco", "images", "queries", "shards", "categories", "shard_size", "model",
+                 "num_candidates", "temperature", "top_p", "max_new_tokens", "seed", "adaptive",
+                 "adaptive_first", "adaptive_iou", "capture", "dump_maps", "grid")
+CONFIG_RECORD = "_config.json"
+
+
+class ConfigMismatch(ValueError):
+    """The output already holds shards labelled with another configuration."""
+
+
+def _digest_files(root: str, names: list[str]) -> str:
+    """sha256 of small files' bytes (configs, sidecars) and of large files' names and sizes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in names:
+        p = os.path.join(root, name)
+        if not os.path.isfile(p):
+            continue
+        h.update(name.encode())
+        if os.path.getsize(p) < 4_000_000:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        else:  # weights: a content hash of gigabytes would cost more than the check is worth
+            h.update(str(os.path.getsize(p)).encode())
+    return h.hexdigest()[:16]
+
+
+def result_config(cfg: LabelConfig, selector: str, profile: str | None, regressor: str | None) -> dict:
+    """The configuration record of an output: the fields above, the resolved selector, and digests
+    of the local model directory (config, acs_model.json with the organism's step count, weight
+    file sizes), the head profile and the regressor, so a retrained organism counts as another model."""
+    from .models.base import resolve_model
+
+    rec = {k: getattr(cfg, k) for k in RESULT_FIELDS}
+    rec["selector"] = selector
+    try:
+        path = resolve_model(cfg.model)
+    except FileNotFoundError:
+        path = cfg.model
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".safetensors")))
+        rec["model_digest"] = _digest_files(path, names)
+    rec["profile_digest"] = _digest_files(os.path.dirname(profile), [os.path.basename(profile)]) if profile else None
+    rec["regressor_digest"] = _digest_files(regressor, sorted(os.listdir(regressor))) \
+        if regressor and os.path.isdir(regressor) else None
+    return rec
+
+
+def check_config_record(out: Output, rec: dict, done: set[str]) -> None:
+    """Write the output's configuration record, or check that it matches this run's."""
+    prior = out.read_json(CONFIG_RECORD)
+    if prior is None:
+        if done:
+            raise ConfigMismatch(
+                f"{out.url} holds {len(done)} finished shard(s) but no {CONFIG_RECORD} (written by an older "
+                "version): it cannot be checked that they match this run; label into a new --output")
+        out.write_json(rec, CONFIG_RECORD)
+        return
+    prior = json.loads(json.dumps(prior))
+    now = json.loads(json.dumps(rec))  # same types as read back (tuples -> lists)
+    diff = sorted(k for k in set(prior) | set(now) if prior.get(k) != now.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {prior.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+        raise ConfigMismatch(f"{out.url} was labelled with another configuration ({shown}); finished shards would "
+                             "be skipped and mixed with new ones: label into a new --output, or delete it first")
+
+
+def _complete(out: Output, done: set[str], expected: Counter) -> set[str]:
+    """Drop a finished shard that holds fewer queries than this run puts in it.
+
+    Shards are consecutive chunks of one listing, so a run with `--limit` ends on a short shard,
+    and a later run with a larger limit (or none) puts more queries under the same shard id. Only
+    the highest-numbered finished shard can be short (every run completes the shards below its
+    last one), so one marker is read. A short shard is recomputed under the same file names:
+    nothing lost, nothing duplicated. A marker holding more queries than expected (a full run
+    followed by a limited one) is a superset: kept."""
+    mine = sorted(s for s in done if s in expected)
+    if not mine:
+        return done
+    last = mine[-1]
+    marker = out.read_json("_shards", f"{last}.json") or {}
+    if int(marker.get("queries", 0)) < expected[last]:
+        return done - {last}
+    return done
 
 
 def _model_layout(cfg: LabelConfig) -> dict | None:
@@ -235,6 +327,8 @@ def run_label(cfg: LabelConfig) -> dict:
     queries, source_key = _list(cfg)
     expected = Counter(q["shard_id"] for q in queries)
     done = out.done_shards()
+    check_config_record(out, result_config(cfg, selector, profile, regressor), done)
+    done = _complete(out, done, expected)
     pending = [q for q in queries if q["shard_id"] not in done]
     t_listed = time.time()
     counters = {"queries": len(queries), "shards": len(expected), "shards_skipped": len(set(expected) & done),

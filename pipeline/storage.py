@@ -116,6 +116,16 @@ class Output:
     def write_json(self, obj, *parts: str) -> None:
         self.write_bytes(self.path(*parts), json.dumps(obj, indent=2, default=str).encode())
 
+    def read_json(self, *parts: str):
+        """The JSON document at these parts, or None when there is none."""
+        p = self.path(*parts)
+        self.fs.invalidate_cache(posixpath.dirname(p))
+        try:
+            data = self._retry(lambda: self.fs.cat_file(p), f"read {self.url_of(p)}")
+        except FileNotFoundError:
+            return None
+        return json.loads(data)
+
     def exists(self, *parts: str) -> bool:
         p = self.path(*parts)
         return self._retry(lambda: self.fs.exists(p), f"exists {self.url_of(p)}")

@@ -358,3 +358,52 @@ def test_webdataset_tar_input(ray_session, synthetic6, tiny_model_dir, tmp_path)
     assert_exactly_once(out, set(boxes.column("query_id").to_pylist()), K)
     assert Counter(boxes.column("status").to_pylist()) == {"no_box": 23}  # decoded; the random model finds no box
     assert set(boxes.column("image_width").to_pylist()) == {640}
+
+
+def test_limit_ending_mid_shard_then_full_run_loses_nothing(ray_session, synthetic6, tiny_model_dir, tmp_path):
+    """--limit 6 with 4 queries per shard leaves a short second shard; the full run must not skip it."""
+    from pipeline.label import run_label
+
+    out = str(tmp_path / "out")
+
+    def run(**kw):
+        return run_label(label_config(output=out, coco=synthetic6["ann"], images=synthetic6["root"],
+                                      model=str(tiny_model_dir), max_new_tokens=TINY_TOKENS, shard_size=4, **kw))
+
+    first = run(limit=6)
+    assert sorted(m["queries"] for m in markers(out).values()) == [2, 4]
+    full = run()
+    c = full["counters"]
+    # shard 0 (4 queries) kept; the short shard 1 recomputed with its 4 queries; 4 more shards written
+    assert (c["shards_skipped"], c["shards_written"], c["queries_pending"]) == (1, 5, 23 - 4)
+    assert_exactly_once(out, set(synthetic6["query_ids"]), K)
+    assert sorted(m["queries"] for m in markers(out).values()) == [3, 4, 4, 4, 4, 4]
+    # a later limited run finds everything done (a longer marker is a superset)
+    again = run(limit=6)
+    assert again["counters"]["shards_skipped"] == 2 and again["counters"]["queries_pending"] == 0
+    assert first["run_id"] != full["run_id"]
+
+
+def test_other_configuration_into_same_output_is_refused(ray_session, synthetic6, tiny_model_dir, tmp_path):
+    import json
+
+    from pipeline.label import ConfigMismatch, run_label
+
+    out = tmp_path / "out"
+
+    def run(**kw):
+        return run_label(label_config(output=str(out), coco=synthetic6["ann"], images=synthetic6["root"],
+                                      model=str(tiny_model_dir), max_new_tokens=TINY_TOKENS, shard_size=4,
+                                      limit=4, **kw))
+
+    run()
+    rec = json.loads((out / "_config.json").read_text())
+    assert rec["num_candidates"] == N and rec["model"] == str(tiny_model_dir) and rec["model_digest"]
+    with pytest.raises(ConfigMismatch, match="temperature: 1.0 -> 0.5"):
+        run(temperature=0.5)
+    # the refused run wrote nothing: still one run record, one shard
+    assert len(os.listdir(out / "_runs")) == 1 and len(markers(out)) == 1
+    # an output from before configuration records (markers, no _config.json) is refused too
+    (out / "_config.json").unlink()
+    with pytest.raises(ConfigMismatch, match="no _config.json"):
+        run()

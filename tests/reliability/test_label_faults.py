@@ -82,7 +82,7 @@ def test_label_run_fails_per_shard_and_rerun_completes(ray_session, s3, s3_data,
 
     after_faulty = _objects(s3, OUT)
     assert set(after_faulty) == {f"{t}/{ok_shard}.parquet" for t in ("boxes", "candidates", "attention")} | {
-        f"_shards/{ok_shard}.json", "_runs/faulty.json"}  # nothing of the failed shards, not even partly
+        f"_shards/{ok_shard}.json", "_runs/faulty.json", "_config.json"}  # nothing of the failed shards
     run_json = json.loads(s3["client"].get_object(Bucket=BUCKET, Key=f"{OUT}/_runs/faulty.json")["Body"].read())
     assert run_json["failed_shards"] == err.failed and run_json["counters"] == c
 
@@ -98,7 +98,7 @@ def test_label_run_fails_per_shard_and_rerun_completes(ray_session, s3, s3_data,
     final = _objects(s3, OUT)
     assert {k: v for k, v in final.items() if k in after_faulty} == after_faulty  # not rewritten
     assert set(final) == {f"{t}/{s}.parquet" for t in ("boxes", "candidates", "attention") for s in shards} | {
-        f"_shards/{s}.json" for s in shards} | {"_runs/faulty.json", "_runs/rerun.json"}
+        f"_shards/{s}.json" for s in shards} | {"_runs/faulty.json", "_runs/rerun.json", "_config.json"}
     boxes, cands = _table(s3, OUT, "boxes"), _table(s3, OUT, "candidates")
     assert Counter(boxes["query_id"].to_list()) == Counter(ids)  # every query exactly once
     assert set(boxes["status"].to_list()) <= {"ok", "no_box"}
