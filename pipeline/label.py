@@ -169,8 +169,7 @@ def check_config_record(out: Output, rec: dict, done: set[str]) -> None:
                 "version): it cannot be checked that they match this run; label into a new --output")
         out.write_json(rec, CONFIG_RECORD)
         return
-    prior = json.loads(json.dumps(prior))
-    now = json.loads(json.dumps(rec))  # same types as read back (tuples -> lists)
+    now = json.loads(json.dumps(rec))  # the types a read-back has (tuples -> lists)
     diff = sorted(k for k in set(prior) | set(now) if prior.get(k) != now.get(k))
     if diff:
         shown = "; ".join(f"{k}: {prior.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])

@@ -35,6 +35,22 @@ def solid_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray instance for the whole test session, shared by tests/label_pipeline and
+    tests/reliability; `run_label` reuses it (it only calls ray.init when Ray is not initialised)."""
+    import ray
+
+    if ray.is_initialized():  # an earlier plugin or test already started one
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def make_image():
     """`solid_image(width, height, seed)` for tests."""
     return solid_image

@@ -49,5 +49,7 @@ def test_image_dependence_swaps_images_and_restores_them(tiny_adapter):
     # Random weights still look at the pixels a little: swapping the images changes the loss.
     assert res["gap"] != 0.0
     assert res["gap"] == res["coord_ce_other_image"] - res["coord_ce_own_image"]
+    # A freshly initialised tower sends tokens that differ across the image (not one constant vector).
+    assert res["visual_token_norm"] > 0 and 0.1 < res["visual_content"] < 100
     # Deterministic and side-effect free: the same call gives the same numbers.
     assert image_dependence(tiny_adapter, n=2) == res

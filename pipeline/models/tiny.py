@@ -95,12 +95,8 @@ INTERNVL35_TINY_TEXT = dict(
 )
 # Tiny tiles of 112 px (8 x 8 patches -> 4 x 4 = 16 tokens each) and at most 4 tiles + thumbnail:
 # tests exercise the real tiling path with a few dozen visual tokens.
-INTERNVL35_TINY_VISION = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    image_size=[112, 112], patch_size=[14, 14], norm_type="layer_norm", use_qk_norm=False,
-    layer_norm_eps=1e-6, hidden_act="gelu", layer_scale_init_value=0.1, use_mean_pooling=True,
-    use_absolute_position_embeddings=True, attention_bias=True,
-)
+INTERNVL35_TINY_VISION = dict(INTERNVL35_8B_VISION, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, image_size=[112, 112])
 INTERNVL35_TINY_PROCESSOR = dict(tile=112, max_patches=4)
 
 FAMILY_SHAPES = {

@@ -1,5 +1,5 @@
-"""Fixtures of the Ray Data labelling tests: one local Ray instance per session, small datasets
-and labelled runs shared by test_label / test_analytics.
+"""Fixtures of the Ray Data labelling tests: small datasets and labelled runs shared by
+test_label / test_analytics (the session's one Ray instance, `ray_session`, is in tests/conftest.py).
 
 Models come from tests/conftest.py (`tiny_model_dir`: random weights, every candidate `no_box`;
 `parrot_model_dir`: always answers PARROT_BOX, so candidates are `ok`).
@@ -14,22 +14,6 @@ import os
 import pytest
 
 from _label_helpers import PARROT_BOX, PARROT_TOKENS, label_config, write_parrot_coco
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray instance for the whole session; `run_label` reuses it (it only calls
-    ray.init when Ray is not initialised)."""
-    import ray
-
-    if ray.is_initialized():  # another fixture (or an earlier plugin) already started one
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

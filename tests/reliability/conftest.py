@@ -1,5 +1,6 @@
 """Fixtures of the storage-fault tests: moto's S3 server on 127.0.0.1 behind a fault-injecting
-proxy (`_faultproxy.FaultProxy`), a small synthetic dataset uploaded to it, and the session's Ray.
+proxy (`_faultproxy.FaultProxy`) and a small synthetic dataset uploaded to it (the session's Ray,
+`ray_session`, is in tests/conftest.py).
 
 Clients talk to the proxy with `_faultproxy.storage_options` (botocore's retries off, so faults
 reach the pipeline's own retry layer; s3fs still retries timeouts itself, as in production). The
@@ -11,23 +12,6 @@ from __future__ import annotations
 import pytest
 
 from _faultproxy import BUCKET, KEY, SECRET, FaultProxy, storage_options
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """The session's one local Ray instance. tests/label_pipeline/conftest.py has the same fixture
-    (fixtures of a sibling folder are not visible here); whichever runs first starts Ray, the
-    other joins it, so a session never has two clusters. Shut down by the one that started it."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
