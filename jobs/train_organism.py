@@ -98,24 +98,28 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
 
 
 @torch.inference_mode()
-def image_dependence(adapter, n: int = 8, seed: int = 0) -> dict:
-    """Does the model look at the image? Mean cross-entropy of the coordinate tokens of `n` calib
-    answers with their own images and with the images rotated by one within the batch. Equal
-    values mean the coordinates ignore the image (this organism's plateau: see its model card)."""
+def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | None = None) -> dict:
+    """Does the model look at the image? Cross-entropy of each box coordinate (x1, y1, x2, y2) of
+    `n` calib answers with their own images and with the images rotated by one within the batch.
+    Equal values mean the coordinates ignore the image (this organism's plateau: see its model
+    card); a gap on x2/y2 only means the model reads the object's size but not its position.
+    `max_objects` measures on the curriculum's scenes instead of the real calib distribution."""
     from pipeline.organism import Batcher, training_inputs
 
     was_training = adapter.model.training
     adapter.model.eval()
-    enc, conts, _ = Batcher(adapter, split="calib", seed=seed, turns=1).batch(0, n)
+    enc, conts, _ = Batcher(adapter, split="calib", seed=seed, turns=1, max_objects=max_objects).batch(0, n)
     number_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([str(i) for i in range(1024)]))
 
-    def coord_ce() -> float:
+    def coord_ce() -> list[float]:
         inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
         logits = adapter.model(**inputs).logits[:, :-1].float()
         lab = labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
                                                ignore_index=-100, reduction="none").reshape(lab.shape)
-        return ce[torch.isin(lab, number_ids)].mean().item()
+        # The coordinates are the answer's last four number tokens ("bbox_2d" holds a "2" too).
+        per = [ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(n)]
+        return torch.stack(per).mean(0).tolist()
 
     own = coord_ce()
     # The visual tokens the language model receives: their mean norm, and their spread around the
@@ -130,7 +134,11 @@ def image_dependence(adapter, n: int = 8, seed: int = 0) -> dict:
     swapped = coord_ce()
     enc.inputs["pixel_values"] = pv
     adapter.model.train(was_training)
-    return {"coord_ce_own_image": own, "coord_ce_other_image": swapped, "gap": swapped - own,
+    names = ("x1", "y1", "x2", "y2")
+    own_mean, swapped_mean = sum(own) / 4, sum(swapped) / 4
+    return {"coord_ce_own_image": own_mean, "coord_ce_other_image": swapped_mean,
+            "gap": swapped_mean - own_mean,
+            "gap_per_coordinate": {k: round(b - a, 4) for k, a, b in zip(names, own, swapped)},
             "visual_token_norm": vis.float().norm(dim=-1).mean().item(),
             "visual_content": ((vis.float() - center).norm(dim=-1).mean() / center.norm()).item()}
 
@@ -213,11 +221,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the vision tower fixed for the first N steps of this schedule, so the language "
                          "model learns to read its features before they can change (trained jointly from the "
                          "start, the tower collapsed to one constant vector and the model ignored the image)")
+    ap.add_argument("--visual-norm", type=float, default=0,
+                    help="at the start of this run, rescale the merger's output layer so the visual tokens' "
+                         "mean norm is this (text embeddings sit near 0.6; the from-scratch tower sent ~8.5, "
+                         "leaving the language model's updates a small share of each visual token)")
     ap.add_argument("--turns", type=int, default=4,
                     help="queries per training scene, as a multi-turn chat whose first turn is the inference prompt")
+    ap.add_argument("--max-objects", type=int, default=None,
+                    help="curriculum: training scenes of 1 to K objects instead of 2 to 6 (evaluation "
+                         "always uses the real calib split)")
     ap.add_argument("--input", default=None, metavar="WxH",
-                    help="model input size in pixels (default 320x240; changing it keeps the weights, which do not "
-                         "depend on resolution, and resizes the processor)")
+                    help="model input size in pixels (default 192x144, or the checkpoint's; changing it keeps the "
+                         "weights, which do not depend on resolution, and resizes the processor; what the "
+                         "model learnt about positions does not carry over, see the model card)")
     ap.add_argument("--export", default=None, help="write the final model here (e.g. pipeline/assets/organism)")
     args = ap.parse_args(argv)
 
@@ -282,6 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         model.model.visual.load_state_dict(fresh.model.visual.state_dict())
         del fresh
         print("vision tower and merger re-initialised", flush=True)
+    if args.visual_norm and not (ckpt / "state.json").exists():
+        enc0, _, _ = Batcher(adapter, seed=args.seed, turns=1).batch(0, 8)
+        with torch.no_grad():
+            vis = model.model.get_image_features(enc0.inputs["pixel_values"], enc0.inputs["image_grid_thw"])
+            vis = getattr(vis, "pooler_output", vis)
+            vis = torch.cat(list(vis)) if isinstance(vis, (list, tuple)) else vis
+            factor = args.visual_norm / vis.norm(dim=-1).mean().item()
+            last = model.model.visual.merger.mlp[-1]
+            last.weight.mul_(factor)
+            last.bias.mul_(factor)
+        print(f"visual tokens rescaled by {factor:.4f} to mean norm {args.visual_norm}", flush=True)
     visual = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
     vis_ids = {id(p) for p in visual}
     text = [p for p in model.parameters() if id(p) not in vis_ids]
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         frac = (step - args.warmup) / max(1, args.steps - start - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    batcher = Batcher(adapter, seed=args.seed, turns=args.turns)
+    batcher = Batcher(adapter, seed=args.seed, turns=args.turns, max_objects=args.max_objects)
     batcher.rng.seed(args.seed * 1_000_003 + state["step"])  # resume picks the same queries
     model.train()
     t_start = time.time()
@@ -333,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         enc, answers, nxt = batcher.batch(state["next_index"], args.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
         frozen = step < state.get("schedule_start", 0) + args.freeze_vision_steps
+        if visual and visual[0].requires_grad == frozen:  # a frozen tower needs no backward pass
+            for p in visual:
+                p.requires_grad_(not frozen)
         for g in opt.param_groups:
             g["lr"] = 0.0 if (frozen and g.get("vision")) else lr_at(step) * g["scale"]
         outputs = model(**inputs)
@@ -359,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             ev = greedy_eval(adapter, "shapes", "calib", args.eval_n)
             rec = {"step": state["step"], "eval": "shapes/calib greedy", **{
                 k: v for k, v in ev.items()}, "image_dependence": image_dependence(adapter)}
+            if args.max_objects:
+                rec["image_dependence_curriculum"] = image_dependence(adapter, max_objects=args.max_objects)
             print(json.dumps(rec), flush=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

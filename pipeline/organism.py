@@ -1,8 +1,12 @@
 """The model organism: a small Qwen2.5-VL trained from scratch to ground shapes.
 
 Architecture and data are chosen so the phenomenon ACS is about can appear on 2 CPU cores:
-- input 640x480 scenes resized to 320x240 with 8-px patches (2x2 merged: 20 x 15 = 300 visual
-  tokens), so a small object (< 32^2 px in the original) covers one or two patches: seen, barely;
+- 8-px patches, 2x2 merged into 16-px visual tokens; the processor resizes 640x480 scenes to a fixed
+  input (`input_width` x `input_height`; the shipped model's is in its `acs_model.json`), so a small
+  object (< 32^2 px in the original) covers about a patch: seen, barely. Because Qwen2.5-VL boxes
+  are in input pixels and a token is 16 px at every input size, training can start at a low
+  resolution and move up without changing what a coordinate means (though what the model learnt
+  about positions did not carry over to a larger grid: model card, finding 5);
 - one token per integer coordinate, with embeddings initialised as sinusoids of the value, so
   nearby numbers start out similar (the feasibility probe spent its first 300 steps otherwise
   learning that numbers are ordered);
@@ -35,13 +39,18 @@ class OrganismConfig:
     vision_heads: int = 4
     vision_ffn: int = 384
     patch_size: int = 8
-    input_width: int = 320
-    input_height: int = 240
+    # The shipped model's input. Positional circuits learnt at one grid did not survive a move to
+    # another (model card, finding 5), so a new run should start at the input it will ship with.
+    input_width: int = 192
+    input_height: int = 144
     # Qwen2.5-VL splits the rotary frequencies contiguously: t takes the highest, h the next, w the
     # lowest. At the 7B's theta and this head size (32), 16 columns of visual tokens would span
-    # 0.05 rad of the w frequencies: horizontal position invisible to attention. A small theta
-    # gives every axis usable frequencies (theta 30: w spans 0.65-1.9 rad over 16 columns).
-    rope_theta: float = 30.0
+    # 0.05 rad of the w frequencies: horizontal position invisible to attention. Theta 30 was not
+    # enough either (w: 0.04-0.12 rad per column): trained at 30, the model learnt where objects are
+    # vertically but never horizontally (model card, session 3). At theta 3 every w frequency turns
+    # 0.36-0.50 rad per column and x was learnt within 400 steps. The text is short (< 200 tokens),
+    # so losing the low frequencies costs nothing measurable.
+    rope_theta: float = 3.0
 
 
 def organism_configs(oc: OrganismConfig, tokenizer):
@@ -100,8 +109,9 @@ class Batcher:
     """
 
     def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
-                 turns: int = 1):
+                 turns: int = 1, max_objects: int | None = None):
         self.adapter = adapter
+        self.max_objects = max_objects
         self.variant, self.split, self.seed = variant, split, seed
         self.turns = max(1, turns)
         self.rng = random.Random(seed)
@@ -109,7 +119,7 @@ class Batcher:
     def example(self, index: int):
         from .synthetic import make_scene
 
-        scene = make_scene(self.variant, self.split, index, seed=self.seed)
+        scene = make_scene(self.variant, self.split, index, seed=self.seed, max_objects=self.max_objects)
         queries = scene.queries()
         if not queries:
             return None

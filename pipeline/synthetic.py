@@ -313,14 +313,21 @@ def _distractor(rng: np.random.Generator, category: str) -> tuple[str | np.ndarr
     return shape, tuple(int(v) for v in shade)
 
 
-def make_scene(variant: str, split: str, index: int, seed: int = 0) -> Scene:
-    """Render scene ``index`` of (variant, split); deterministic in all four arguments."""
+def make_scene(variant: str, split: str, index: int, seed: int = 0,
+               max_objects: int | None = None) -> Scene:
+    """Render scene ``index`` of (variant, split); deterministic in all its arguments.
+
+    `max_objects` (a training curriculum only; the published splits never set it) draws 1 to
+    `max_objects` objects instead of 2 to 6: a scene of one object lets a model from scratch learn
+    where things are before it must also learn which one was asked for."""
     _check(variant, split)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
+    if max_objects is not None and max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     rng = np.random.default_rng([seed, SPLIT_ID[split], VARIANT_ID[variant], index])
 
-    k = int(rng.integers(2, 7))
+    k = int(rng.integers(2, 7)) if max_objects is None else int(rng.integers(1, max_objects + 1))
     cats = [CATEGORIES[i] for i in rng.choice(len(CATEGORIES), k, replace=False)]
     if k >= 3 and rng.random() < 0.25:
         cats[-1] = cats[0]  # a repeated category: annotated, but not a valid query
