@@ -97,6 +97,20 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
     return out
 
 
+def _visual_tokens(model, enc) -> torch.Tensor:
+    """The visual tokens the language model receives for an encoded batch, as one (tokens, dim)."""
+    vis = model.model.get_image_features(enc.inputs["pixel_values"], enc.inputs["image_grid_thw"])
+    vis = getattr(vis, "pooler_output", vis)
+    return (torch.cat(list(vis)) if isinstance(vis, (list, tuple)) else vis).float()
+
+
+def _content(vis: torch.Tensor) -> float:
+    """Spread of visual tokens around their mean token, over the mean's norm (near 0: the tower
+    sends one constant vector)."""
+    center = vis.mean(0)
+    return ((vis - center).norm(dim=-1).mean() / center.norm().clamp_min(1e-9)).item()
+
+
 @torch.inference_mode()
 def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | None = None) -> dict:
     """Does the model look at the image? Cross-entropy of each box coordinate (x1, y1, x2, y2) of
@@ -118,16 +132,13 @@ def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | Non
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
                                                ignore_index=-100, reduction="none").reshape(lab.shape)
         # The coordinates are the answer's last four number tokens ("bbox_2d" holds a "2" too).
-        per = [ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(n)]
-        return torch.stack(per).mean(0).tolist()
+        coords = [ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(n)]
+        return torch.stack(coords).mean(0).tolist()
 
     own = coord_ce()
     # The visual tokens the language model receives: their mean norm, and their spread around the
     # batch's mean token relative to that mean (near 0: the tower sends one constant vector).
-    vis = adapter.model.model.get_image_features(enc.inputs["pixel_values"], enc.inputs["image_grid_thw"])
-    vis = getattr(vis, "pooler_output", vis)
-    vis = torch.cat(list(vis)) if isinstance(vis, (list, tuple)) else vis
-    center = vis.float().mean(0)
+    vis = _visual_tokens(adapter.model, enc)
     pv = enc.inputs["pixel_values"]
     per = pv.shape[0] // n  # same-size images: equal patch counts per image
     enc.inputs["pixel_values"] = torch.cat([pv[((i + 1) % n) * per:((i + 1) % n + 1) * per] for i in range(n)])
@@ -139,8 +150,7 @@ def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | Non
     return {"coord_ce_own_image": own_mean, "coord_ce_other_image": swapped_mean,
             "gap": swapped_mean - own_mean,
             "gap_per_coordinate": {k: round(b - a, 4) for k, a, b in zip(names, own, swapped)},
-            "visual_token_norm": vis.float().norm(dim=-1).mean().item(),
-            "visual_content": ((vis.float() - center).norm(dim=-1).mean() / center.norm()).item()}
+            "visual_token_norm": vis.norm(dim=-1).mean().item(), "visual_content": _content(vis)}
 
 
 @torch.inference_mode()
@@ -209,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--premise", action="store_true",
                     help="only evaluate the checkpoint's premise metrics on calib (per temperature) and exit")
     ap.add_argument("--rope-theta", type=float, default=0,
-                    help="text rotary base (default: OrganismConfig's 30 for a new model, the checkpoint's with "
-                         "--init-from; the first 1,050 steps of the shipped organism used 10000)")
+                    help="text rotary base (default: OrganismConfig's 3 for a new model, the checkpoint's with "
+                         "--init-from; the shipped organism trained at 30 for 700 steps, then 3: see its model card)")
     ap.add_argument("--reinit-vision", action="store_true",
                     help="with --init-from: keep the language model, start the vision tower and merger afresh")
     ap.add_argument("--text-lr-scale", type=float, default=1.0,
@@ -301,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.visual_norm and not (ckpt / "state.json").exists():
         enc0, _, _ = Batcher(adapter, seed=args.seed, turns=1).batch(0, 8)
         with torch.no_grad():
-            vis = model.model.get_image_features(enc0.inputs["pixel_values"], enc0.inputs["image_grid_thw"])
-            vis = getattr(vis, "pooler_output", vis)
-            vis = torch.cat(list(vis)) if isinstance(vis, (list, tuple)) else vis
-            factor = args.visual_norm / vis.norm(dim=-1).mean().item()
+            factor = args.visual_norm / _visual_tokens(model, enc0).norm(dim=-1).mean().item()
             last = model.model.visual.merger.mlp[-1]
             last.weight.mul_(factor)
             last.bias.mul_(factor)
@@ -322,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     vstats: list[float] = []
 
     def _vision_hook(_m, _inp, out):
-        v = out.detach().float()
-        mean = v.mean(0)
-        vstats.append(((v - mean).norm(dim=-1).mean() / mean.norm().clamp_min(1e-9)).item())
+        vstats.append(_content(out.detach().float()))
 
     model.model.visual.merger.register_forward_hook(_vision_hook)
     if (ckpt / "optimizer.safetensors").exists():
