@@ -69,8 +69,9 @@ def _load_opt(opt, model, path: Path) -> None:
 
 
 @torch.inference_mode()
-def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dict:
-    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split."""
+def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> dict:
+    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split (of its
+    curriculum scenes of 1 to `max_objects` objects, if given: where it localises vs. which object)."""
     import numpy as np
 
     from pipeline.metrics import paired_iou, size_bucket, summarize
@@ -79,7 +80,7 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0) -> dic
 
     was_training = adapter.model.training
     adapter.model.eval()
-    items = grounding_queries(variant, split, n)
+    items = grounding_queries(variant, split, n, max_objects=max_objects)
     ious, buckets, nobox = [], [], 0
     for b in range(0, n, 16):
         chunk = items[b:b + 16]
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: v for k, v in ev.items()}, "image_dependence": image_dependence(adapter)}
             if args.max_objects:
                 rec["image_dependence_curriculum"] = image_dependence(adapter, max_objects=args.max_objects)
+                rec["curriculum_greedy"] = greedy_eval(adapter, "shapes", "calib", args.eval_n,
+                                                       max_objects=args.max_objects)
             print(json.dumps(rec), flush=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

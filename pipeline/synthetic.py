@@ -473,15 +473,18 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
     return summary
 
 
-def grounding_queries(variant: str, split: str, n: int, seed: int = 0) -> list:
-    """The first `n` unambiguous queries of a split, in memory: (`pipeline.ground.Query`, gt area)."""
+def grounding_queries(variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> list:
+    """The first `n` unambiguous queries of a split, in memory: (`pipeline.ground.Query`, gt area).
+    `max_objects` draws them from the training curriculum's scenes of 1 to K objects instead."""
     from .ground import Query
 
     out, i = [], 0
+    tag = "" if max_objects is None else f"-k{max_objects}"
     while len(out) < n:
-        scene = make_scene(variant, split, i, seed=seed)
+        scene = make_scene(variant, split, i, seed=seed, max_objects=max_objects)
         for cat, obj in scene.queries():
             x, y, w, h = obj.bbox
-            out.append((Query(f"{variant}-{split}-{i}:{cat}", scene.image, cat, (x, y, x + w, y + h)), obj.area))
+            out.append((Query(f"{variant}-{split}{tag}-{i}:{cat}", scene.image, cat, (x, y, x + w, y + h)),
+                        obj.area))
         i += 1
     return out[:n]

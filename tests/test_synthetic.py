@@ -248,3 +248,18 @@ def test_curriculum_max_objects_is_deterministic_and_leaves_the_splits_alone():
     assert min(default) >= 2
     with pytest.raises(ValueError, match="max_objects"):
         S.make_scene("shapes", "train", 0, max_objects=0)
+
+
+def test_grounding_queries_can_come_from_the_curriculum():
+    # The training job's single-object evaluation: one query per scene, the scene's only object,
+    # with ids that cannot collide with the published split's.
+    one = S.grounding_queries("shapes", "calib", 5, max_objects=1)
+    assert len(one) == 5
+    for k, (q, area) in enumerate(one):
+        scene = S.make_scene("shapes", "calib", k, max_objects=1)
+        (obj,) = scene.objects
+        x, y, w, h = obj.bbox
+        assert q.category == obj.category and q.gt == (x, y, x + w, y + h) and area == obj.area
+        assert q.query_id == f"shapes-calib-k1-{k}:{obj.category}"
+    published = {q.query_id for q, _ in S.grounding_queries("shapes", "calib", 5)}
+    assert not published & {q.query_id for q, _ in one}
