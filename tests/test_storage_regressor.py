@@ -48,3 +48,26 @@ def test_regressor_validation(tmp_path):
         load_regressor(tmp_path / "r", 3, 2)
     with pytest.raises(FileNotFoundError, match="regressor.safetensors and regressor.json"):
         load_regressor(tmp_path / "missing", 3, 2)
+
+
+def test_fit_learns_when_most_ious_are_zero():
+    # The organism's candidates: ~75% have IoU 0. The signal sits in the maps (the attention mass
+    # in the centre cell of one coordinate token). A regressor that starts at sigmoid(0) = 0.5
+    # collapsed to a constant on such data; this one must rank held-out candidates.
+    from pipeline.metrics import pearson
+    from pipeline.train_regressor import fit
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        iou = torch.where(torch.rand(n, generator=g) < 0.75, torch.zeros(n), torch.rand(n, generator=g))
+        maps = torch.rand(n, 4, 2, 2, 8, 8, generator=g)
+        maps[:, 0, 0, 0, 4, 4] += 8 * iou
+        maps = maps / maps.sum(dim=(-1, -2), keepdim=True)
+        return maps.numpy(), iou.numpy(), None, [0, 1], [0, 1], 8
+
+    train, calib = data(600, 0), data(300, 1)
+    model, metrics = fit(train, calib, epochs=30, log=lambda *_: None)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(calib[0])).numpy()
+    assert pred.std() > 0.02  # not one constant
+    assert metrics["calib_pearson"] > 0.8 and pearson(pred, calib[1]) > 0.8
