@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4,
                     help="queries per training scene, as a multi-turn chat whose first turn is the inference prompt")
     ap.add_argument("--max-objects", type=int, default=None,
-                    help="curriculum: training scenes of 1 to K objects instead of 2 to 6 (evaluation "
-                         "always uses the real calib split)")
+                    help="curriculum: training scenes of 1 to K objects instead of 2 to 6 (evaluation uses the "
+                         "real calib split, and also reports greedy and image dependence on calib scenes "
+                         "of 1 to K objects)")
     ap.add_argument("--input", default=None, metavar="WxH",
                     help="model input size in pixels (default 192x144, or the checkpoint's; changing it keeps the "
                          "weights, which do not depend on resolution, and resizes the processor; what the "

@@ -98,3 +98,4 @@ def test_train_organism_runs_resumes_and_keeps_a_frozen_tower(tmp_path, capsys):
     # The final step evaluates: the log has the greedy table and the curriculum's image dependence.
     ev = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert ev and ev[-1]["step"] == 2 and "image_dependence_curriculum" in ev[-1]
+    assert ev[-1]["curriculum_greedy"]["all"]["n"] == 2 and ev[-1]["all"]["n"] == 2
