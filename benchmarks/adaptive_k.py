@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from pipeline.metrics import size_bucket, summarize
     from pipeline.models.base import load_adapter
     from pipeline.sampling import SamplingConfig
-    from pipeline.synthetic import grounding_queries
+    from pipeline.organism.scenes import grounding_queries
 
     adapter = load_adapter(args.model)
     profile, regressor = default_paths(args.model, None, None)

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---- inputs ---------------------------------------------------------------------------------------
 def build_queries(n: int, size: tuple[int, int]) -> tuple[list, list[str], list[str]]:
     """Images, categories and keys of the first `n` synthetic test scenes that have a query."""
-    from pipeline.synthetic import make_scene
+    from pipeline.organism.scenes import make_scene
 
     images, cats, keys = [], [], []
     i = 0

@@ -18,7 +18,7 @@ $PY -m benchmarks.capture_overhead --model "$OUT/qwen7b-shape" --device cuda --d
 # ACS stage throughput (sampling + capture + scoring) over 64 queries, batch 8.
 $PY - "$OUT/qwen7b-shape" <<'PY' | tee "$OUT/throughput.json"
 import json, sys, time, torch
-from pipeline.synthetic import grounding_queries
+from pipeline.organism.scenes import grounding_queries
 from pipeline.ground import GroundConfig, Grounder
 from pipeline.models.base import load_adapter
 from pipeline.sampling import SamplingConfig

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from pipeline.label import LabelConfig, run_label
     from pipeline.models.base import load_adapter
     from pipeline.sampling import SamplingConfig
-    from pipeline.synthetic import make_synthetic
+    from pipeline.organism.scenes import make_synthetic
 
     tmp = Path(tempfile.mkdtemp(prefix="acs-bench-"))
     try:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pipeline.label import ConfigMismatch, LabelConfig, run_label, summary_text
-    from pipeline.synthetic import make_synthetic
+    from pipeline.organism.scenes import make_synthetic
 
     out = Path(args.out)
     data = out / "data"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.synthetic import SPLIT_ID, VARIANT_ID, make_synthetic
+from pipeline.organism.scenes import SPLIT_ID, VARIANT_ID, make_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs.make_synthetic import main
-from pipeline import synthetic as S
+from pipeline.organism import scenes as S
 
 VARIANTS = ["shapes", "shapes-shift"]
 
@@ -28,7 +28,7 @@ def test_categories():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_make_scene_deterministic_and_split_dependent(variant):
     a, b = S.make_scene(variant, "test", 7), S.make_scene(variant, "test", 7)
-    assert a.image.size == (640, 480) and a.image.mode == "RGB"
+    assert a.image.size == (S.WIDTH, S.HEIGHT) == (336, 252) and a.image.mode == "RGB"
     assert scene_bytes(a) == scene_bytes(b)
     assert a.objects == b.objects
     others = [S.make_scene(variant, "train", 7), S.make_scene(variant, "calib", 7),
@@ -62,13 +62,13 @@ def test_objects_and_queries(variant):
     repeated = 0
     for i in range(60):
         scene = S.make_scene(variant, "calib", i)
-        assert 1 <= len(scene.objects) <= 6
+        assert 1 <= len(scene.objects) <= S.MAX_OBJECTS == 5
         counts = Counter(o.category for o in scene.objects)
         repeated += any(c > 1 for c in counts.values())
         for o in scene.objects:
             x, y, w, h = o.bbox
             assert o.category in S.CATEGORY_ID
-            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 640 and y + h <= 480
+            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= S.WIDTH and y + h <= S.HEIGHT
             assert 0 < o.area <= w * h
         q = scene.queries()
         assert [c for c, _ in q] == [o.category for o in scene.objects if counts[o.category] == 1]
@@ -91,6 +91,21 @@ def test_size_mix():
     assert shares["shapes"]["medium"] >= 0.25 and shares["shapes"]["large"] >= 0.15
     assert shares["shapes-shift"]["small"] >= 0.45
     assert shares["shapes-shift"]["large"] > 0
+
+
+def test_small_objects_are_about_one_visual_token():
+    """The issue's geometry: a COCO-small object (sqrt of its area 11-29 px) spans about one 28-px
+    visual token of the model that reads these scenes unresized; a large one spans several."""
+    assert S.GEOMETRY["tokens"] == [12, 9] and S.GEOMETRY["token_px"] == 28
+    side = {"small": [], "medium": [], "large": []}
+    box = {"small": [], "medium": [], "large": []}
+    for i in range(100):
+        for _, o in S.make_scene("shapes", "calib", i).queries():
+            side[S.size_bucket(o.area)].append(o.area ** 0.5 / S.TOKEN_PX)
+            box[S.size_bucket(o.area)].append(max(o.bbox[2], o.bbox[3]) / S.TOKEN_PX)
+    assert 0.25 <= min(side["small"]) and max(side["small"]) <= 1.15  # occlusion trims a few below 11 px
+    assert max(box["small"]) <= 2.0  # a triangle's box is wider than its area's side
+    assert min(side["large"]) >= 96 / 28 and max(box["large"]) <= 9  # fits the 9-token height
 
 
 def test_size_bucket_edges():
@@ -120,7 +135,7 @@ def test_occlusion_bound(monkeypatch, variant):
 
 def test_bbox_is_tight(monkeypatch):
     # A flat black background makes every drawn pixel visible as a non-zero pixel.
-    monkeypatch.setattr(S, "_background", lambda rng, variant: Image.new("RGB", (640, 480)))
+    monkeypatch.setattr(S, "_background", lambda rng, variant: Image.new("RGB", (S.WIDTH, S.HEIGHT)))
     checked = 0
     for i in range(30):
         scene = S.make_scene("shapes", "test", i)
@@ -161,6 +176,7 @@ def test_make_synthetic(tmp_path):
     assert summary["n_images"] == 6
     assert len(summary["paths"]["shards"]) == 2
     assert sum(summary["size_shares"].values()) == pytest.approx(1.0)
+    assert summary["geometry"] == S.GEOMETRY and summary["geometry"]["width"] == 336
 
     with open(os.path.join(out, "annotations.json")) as f:
         coco = json.load(f)
@@ -172,7 +188,7 @@ def test_make_synthetic(tmp_path):
     assert coco["categories"][3] == {"id": 4, "name": "red star", "supercategory": "star"}
     for a in coco["annotations"]:
         x, y, w, h = a["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 480 and a["area"] > 0
+        assert 0 <= x and 0 <= y and x + w <= S.WIDTH and y + h <= S.HEIGHT and a["area"] > 0
         assert 1 <= a["category_id"] <= 48 and a["iscrowd"] == 0
     # Annotations are exactly the in-memory scenes.
     scene = S.make_scene("shapes", "test", 2, seed=3)
@@ -186,7 +202,7 @@ def test_make_synthetic(tmp_path):
     n_queries = 0
     for r, im in zip(rows, coco["images"]):
         assert r["image_id"] == im["id"] and r["file_name"] == im["file_name"]
-        assert (r["width"], r["height"]) == (640, 480)
+        assert (r["width"], r["height"]) == (S.WIDTH, S.HEIGHT)
         with open(os.path.join(out, r["file_name"]), "rb") as f:
             disk = f.read()
         assert r["jpg"] == disk

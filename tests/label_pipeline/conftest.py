@@ -20,7 +20,7 @@ from _label_helpers import PARROT_BOX, PARROT_TOKENS, label_config, write_parrot
 def synthetic6(tmp_path_factory):
     """make_synthetic(n=6): 6 JPEGs (640x480), annotations.json, shards/shard-00000.parquet; 23 queries."""
     from pipeline.inputs import dedupe, list_coco
-    from pipeline.synthetic import make_synthetic
+    from pipeline.organism.scenes import make_synthetic
 
     root = tmp_path_factory.mktemp("synthetic6")
     summary = make_synthetic(str(root), "shapes", "test", n=6, seed=0)

@@ -48,7 +48,7 @@ def s3(tmp_path_factory):
 def s3_data(s3, tmp_path_factory):
     """make_synthetic(n=3) uploaded to s3://BUCKET/data/ (annotations.json, images/, shards/)."""
     from pipeline.inputs import dedupe, list_coco
-    from pipeline.synthetic import make_synthetic
+    from pipeline.organism.scenes import make_synthetic
 
     root = tmp_path_factory.mktemp("s3-synthetic")
     summary = make_synthetic(str(root), "shapes", "test", n=3, seed=0)

@@ -55,7 +55,7 @@ def proxy(s3):
 @pytest.fixture(scope="module")
 def s3_data(s3, tmp_path_factory):
     """make_synthetic(n=3) uploaded to s3://BUCKET/data/ (annotations.json, images/, shards/), directly to moto."""
-    from pipeline.synthetic import make_synthetic
+    from pipeline.organism.scenes import make_synthetic
 
     root = tmp_path_factory.mktemp("faults-synthetic")
     summary = make_synthetic(str(root), "shapes", "test", n=3, seed=0)

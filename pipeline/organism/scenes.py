@@ -1,5 +1,11 @@
 """Synthetic COCO-style grounding benchmark: coloured shapes on varied backgrounds.
 
+The geometry is the model's own: 336x252 scenes, read without resize by a Qwen2.5-VL with the
+7B's 14-px patches merged 2x2 into 28-px visual tokens (12 x 9 = 108 tokens). COCO's absolute area
+buckets are kept (small < 32^2 <= medium < 96^2 <= large, in pixels), so a small object (11-29 px
+wide) spans 0.4-1.0 visual token, as a COCO-small object does for Qwen2.5-VL-7B reading COCO near
+its native resolution. `GEOMETRY` is recorded in every dataset's summary and COCO `info`.
+
 Two variants share the 48 categories ("red circle", ...):
 
 * ``shapes``: gradient / flat backgrounds, COCO-like size mix (~40/35/25 small/medium/large).
@@ -24,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw
 
-WIDTH, HEIGHT = 640, 480
+WIDTH, HEIGHT = 336, 252
+TOKEN_PX = 28  # a visual token of the model these scenes are made for (patch 14, 2x2 merge)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -40,6 +47,11 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "c
 CATEGORIES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 CATEGORY_ID: dict[str, int] = {name: i + 1 for i, name in enumerate(CATEGORIES)}
 
+GEOMETRY = {"width": WIDTH, "height": HEIGHT, "token_px": TOKEN_PX,
+            "tokens": [WIDTH // TOKEN_PX, HEIGHT // TOKEN_PX],
+            "small_max_area": 32**2, "medium_max_area": 96**2,
+            "small_width_px": [11, 29], "small_width_tokens": [round(11 / TOKEN_PX, 2), round(29 / TOKEN_PX, 2)]}
+
 VARIANT_ID = {"shapes": 0, "shapes-shift": 1}
 SPLIT_ID = {"train": 0, "calib": 1, "test": 2}
 
@@ -51,8 +63,14 @@ SMALL_MAX, MEDIUM_MAX = 32.0**2, 96.0**2
 # repeated categories); make_synthetic's summary reports the actual mix.
 _SIZE_MIX = {"shapes": (0.41, 0.35, 0.24), "shapes-shift": (0.50, 0.32, 0.18)}
 # Target-area ranges per bucket, kept clear of the bucket edges so antialiasing and small
-# occlusions don't move an object into a neighbouring bucket.
-_AREA_RANGE = ((0.0, 29.0**2), (35.0**2, 90.0**2), (102.0**2, 185.0**2))
+# occlusions don't move an object into a neighbouring bucket. The small and medium ranges are
+# COCO's, as in a 640x480 frame; large objects stop at 130^2 px of shape (a triangle's box is
+# then 184 px, 73% of the frame's height), where the 640x480 benchmark went to 185^2: larger ones
+# would not fit beside the others in 336x252.
+_AREA_RANGE = ((0.0, 29.0**2), (35.0**2, 90.0**2), (102.0**2, 130.0**2))
+# 2 to 5 objects a scene (the 640x480 benchmark drew 2 to 6 in 3.6x the area): with six, the
+# placement bound dropped large objects often enough to skew the size mix.
+MAX_OBJECTS = 5
 _MIN_WIDTH = 11.0  # smallest objects are ~10-12 px across
 _MAX_OCCLUSION = 0.25  # below the 30% promised, leaves margin for antialiased edges
 _SUPERSAMPLE = 4
@@ -196,12 +214,14 @@ def _background(rng: np.random.Generator, variant: str) -> Image.Image:
 def _clutter(rng: np.random.Generator, img: Image.Image) -> None:
     """Thin lines and blobs below the smallest object size: visual noise, not objects."""
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(5, 21)):
+    # About the 640x480 benchmark's density of clutter per pixel, somewhat denser (its counts were
+    # 5-20 lines and 5-25 blobs in 3.6x the area).
+    for _ in range(rng.integers(3, 11)):
         x0, x1 = rng.uniform(0, WIDTH, 2)
         y0, y1 = rng.uniform(0, HEIGHT, 2)
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 3)))
-    for _ in range(rng.integers(5, 26)):
+    for _ in range(rng.integers(3, 13)):
         x, y = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
         rx, ry = rng.uniform(1, 3, 2)
         draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
@@ -318,7 +338,7 @@ def make_scene(variant: str, split: str, index: int, seed: int = 0,
     """Render scene ``index`` of (variant, split); deterministic in all its arguments.
 
     `max_objects` (a training curriculum only; the published splits never set it) draws 1 to
-    `max_objects` objects instead of 2 to 6: a scene of one object lets a model from scratch learn
+    `max_objects` objects instead of 2 to `MAX_OBJECTS`: a scene of one object lets a model from scratch learn
     where things are before it must also learn which one was asked for."""
     _check(variant, split)
     if index < 0 or seed < 0:
@@ -327,7 +347,7 @@ def make_scene(variant: str, split: str, index: int, seed: int = 0,
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     rng = np.random.default_rng([seed, SPLIT_ID[split], VARIANT_ID[variant], index])
 
-    k = int(rng.integers(2, 7)) if max_objects is None else int(rng.integers(1, max_objects + 1))
+    k = int(rng.integers(2, MAX_OBJECTS + 1)) if max_objects is None else int(rng.integers(1, max_objects + 1))
     cats = [CATEGORIES[i] for i in rng.choice(len(CATEGORIES), k, replace=False)]
     if k >= 3 and rng.random() < 0.25:
         cats[-1] = cats[0]  # a repeated category: annotated, but not a valid query
@@ -451,8 +471,8 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
             rows = []
 
     coco = {
-        "info": {"description": f"acs-pipeline synthetic benchmark ({variant})", "version": "1",
-                 "variant": variant, "split": split, "seed": seed, "n": n},
+        "info": {"description": f"acs-pipeline synthetic benchmark ({variant})", "version": "2",
+                 "variant": variant, "split": split, "seed": seed, "n": n, "geometry": GEOMETRY},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": CATEGORY_ID[c], "name": c, "supercategory": c.split(" ")[1]}
@@ -465,6 +485,7 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
         "variant": variant, "split": split, "seed": seed,
         "n_images": n, "n_annotations": len(annotations), "n_queries": n_queries,
         "size_shares": {b: c / max(n_queries, 1) for b, c in buckets.items()},
+        "geometry": GEOMETRY,
         "paths": {"annotations": ann_path, "images": img_dir, "shards": shards,
                   "summary": os.path.join(out_dir, "summary.json")},
     }
@@ -476,7 +497,7 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
 def grounding_queries(variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> list:
     """The first `n` unambiguous queries of a split, in memory: (`pipeline.ground.Query`, gt area).
     `max_objects` draws them from the training curriculum's scenes of 1 to K objects instead."""
-    from .ground import Query
+    from ..ground import Query
 
     out, i = [], 0
     tag = "" if max_objects is None else f"-k{max_objects}"

@@ -1,0 +1,90 @@
+"""Training batches made on the fly from the scene generator: multi-turn chats whose labels are
+exactly the answers (the organism is trained only to ground)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+class Batcher:
+    """Training examples made on the fly from `shapes/train` scenes (an endless train split).
+
+    Each scene becomes one multi-turn conversation: the first turn is exactly the single-query
+    prompt used at inference; up to `turns - 1` further unambiguous queries of the same scene
+    follow as later user turns. The image is encoded once and supervises several answers, which
+    is most of the signal per CPU-second (the prefill over the visual tokens is the cost).
+    """
+
+    def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
+                 turns: int = 1, max_objects: int | None = None):
+        self.adapter = adapter
+        self.max_objects = max_objects
+        self.variant, self.split, self.seed = variant, split, seed
+        self.turns = max(1, turns)
+        self.rng = random.Random(seed)
+
+    def example(self, index: int):
+        from .scenes import make_scene
+
+        scene = make_scene(self.variant, self.split, index, seed=self.seed, max_objects=self.max_objects)
+        queries = scene.queries()
+        if not queries:
+            return None
+        picked = self.rng.sample(queries, min(self.turns, len(queries)))
+        return scene.image, [(cat, (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
+                             for cat, o in picked]
+
+    def batch(self, start: int, size: int):
+        """(encoded first-turn prompts, per example a list of (token ids, is-label) continuation
+        segments, next scene index). Labels cover the answers and their end-of-turn token only."""
+        ad = self.adapter
+        images, turns = [], []
+        i = start
+        while len(images) < size:
+            ex = self.example(i)
+            i += 1
+            if ex is None:
+                continue
+            images.append(ex[0])
+            turns.append(ex[1])
+        enc = ad.encode(images, [t[0][0] for t in turns])
+        tok = ad.tokenizer
+        eos = ad.eos_token_ids[:1]
+        conts = []
+        for qs, isz, osz in zip(turns, enc.input_sizes, enc.orig_sizes):
+            segs = []
+            for k, (cat, box) in enumerate(qs):
+                if k:
+                    user = f"\n<|im_start|>user\n{ad.prompt(cat)}<|im_end|>\n<|im_start|>assistant\n"
+                    segs.append((tok(user, add_special_tokens=False)["input_ids"], False))
+                answer = ad.answer_text(ad.from_original(box, isz, osz), cat)
+                segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
+            conts.append(segs)
+        return enc, conts, i
+
+
+def training_inputs(enc, conts, pad_id: int):
+    """Append continuations to left-padded prompts; right-pad; labels only on answer segments.
+
+    `conts[i]` is a list of (ids, is_label) segments, or a plain list of answer ids (one turn)."""
+    ids, mask = enc.inputs["input_ids"], enc.inputs["attention_mask"]
+    b = ids.shape[0]
+    conts = [c if c and isinstance(c[0], tuple) else [(list(c), True)] for c in conts]
+    flat = [[t for seg, _ in c for t in seg] for c in conts]
+    is_label = [[lab for seg, lab in c for _ in seg] for c in conts]
+    t = max(len(a) for a in flat)
+    ans = torch.full((b, t), pad_id, dtype=ids.dtype)
+    amask = torch.zeros(b, t, dtype=mask.dtype)
+    lab = torch.full((b, t), -100, dtype=ids.dtype)
+    for i, (a, m) in enumerate(zip(flat, is_label)):
+        ans[i, : len(a)] = torch.tensor(a)
+        amask[i, : len(a)] = 1
+        lab[i, : len(a)] = torch.where(torch.tensor(m), torch.tensor(a), -100)
+    labels = torch.cat([torch.full_like(ids, -100), lab], 1)
+    inputs = dict(enc.inputs)
+    inputs["input_ids"] = torch.cat([ids, ans], 1)
+    inputs["attention_mask"] = torch.cat([mask, amask], 1)
+    inputs["mm_token_type_ids"] = torch.cat([enc.inputs["mm_token_type_ids"], torch.zeros_like(ans)], 1)
+    return inputs, labels

@@ -1,0 +1,158 @@
+"""What the organism can do, measured during training on held-out calib scenes: the premise
+metrics that decide when a recipe has done its job (greedy and best-of-N Acc@0.5 per bucket, room
+on small objects, head Spearman, no-box share) and whether the model looks at the image at all.
+
+These read the model; none of them feeds the loss (the organism is trained only to ground).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.inference_mode()
+def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> dict:
+    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split (of its
+    curriculum scenes of 1 to `max_objects` objects, if given: where it localises vs. which object)."""
+    import numpy as np
+
+    from ..metrics import paired_iou, size_bucket, summarize
+    from ..sampling import SamplingConfig, sample
+    from .scenes import grounding_queries
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    items = grounding_queries(variant, split, n, max_objects=max_objects)
+    ious, buckets, nobox = [], [], 0
+    for b in range(0, n, 16):
+        chunk = items[b:b + 16]
+        enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
+        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed),
+                     [q.query_id for q, _ in chunk])
+        for j, (q, area) in enumerate(chunk):
+            _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
+            nobox += parsed.box is None
+            ious.append(0.0 if parsed.box is None else float(paired_iou(np.array([parsed.box]), np.array([q.gt]))[0]))
+            buckets.append(size_bucket(area))
+    adapter.model.train(was_training)
+    out = summarize(np.array(ious), np.array(buckets))
+    out["no_box_share"] = nobox / n
+    return out
+
+
+def _visual_tokens(model, enc) -> torch.Tensor:
+    """The visual tokens the language model receives for an encoded batch, as one (tokens, dim)."""
+    vis = model.model.get_image_features(enc.inputs["pixel_values"], enc.inputs["image_grid_thw"])
+    vis = getattr(vis, "pooler_output", vis)
+    return (torch.cat(list(vis)) if isinstance(vis, (list, tuple)) else vis).float()
+
+
+def _content(vis: torch.Tensor) -> float:
+    """Spread of visual tokens around their mean token, over the mean's norm (near 0: the tower
+    sends one constant vector)."""
+    center = vis.mean(0)
+    return ((vis - center).norm(dim=-1).mean() / center.norm().clamp_min(1e-9)).item()
+
+
+@torch.inference_mode()
+def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | None = None) -> dict:
+    """Does the model look at the image? Cross-entropy of each box coordinate (x1, y1, x2, y2) of
+    `n` calib answers with their own images and with the images rotated by one within the batch.
+    Equal values mean the coordinates ignore the image (this organism's plateau: see its model
+    card); a gap on x2/y2 only means the model reads the object's size but not its position.
+    `max_objects` measures on the curriculum's scenes instead of the real calib distribution."""
+    from .batcher import Batcher, training_inputs
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    enc, conts, _ = Batcher(adapter, split="calib", seed=seed, turns=1, max_objects=max_objects).batch(0, n)
+    number_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([str(i) for i in range(1024)]))
+
+    def coord_ce() -> list[float]:
+        inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
+        logits = adapter.model(**inputs).logits[:, :-1].float()
+        lab = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                               ignore_index=-100, reduction="none").reshape(lab.shape)
+        # The coordinates are the answer's last four number tokens ("bbox_2d" holds a "2" too).
+        coords = [ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(n)]
+        return torch.stack(coords).mean(0).tolist()
+
+    own = coord_ce()
+    # The visual tokens the language model receives: their mean norm, and their spread around the
+    # batch's mean token relative to that mean (near 0: the tower sends one constant vector).
+    vis = _visual_tokens(adapter.model, enc)
+    pv = enc.inputs["pixel_values"]
+    per = pv.shape[0] // n  # same-size images: equal patch counts per image
+    enc.inputs["pixel_values"] = torch.cat([pv[((i + 1) % n) * per:((i + 1) % n + 1) * per] for i in range(n)])
+    swapped = coord_ce()
+    enc.inputs["pixel_values"] = pv
+    adapter.model.train(was_training)
+    names = ("x1", "y1", "x2", "y2")
+    own_mean, swapped_mean = sum(own) / 4, sum(swapped) / 4
+    return {"coord_ce_own_image": own_mean, "coord_ce_other_image": swapped_mean,
+            "gap": swapped_mean - own_mean,
+            "gap_per_coordinate": {k: round(b - a, 4) for k, a, b in zip(names, own, swapped)},
+            "visual_token_norm": vis.norm(dim=-1).mean().item(), "visual_content": _content(vis)}
+
+
+@torch.inference_mode()
+def premise_eval(adapter, variant: str = "shapes", split: str = "calib", n: int = 96,
+                 temperatures=(0.7, 1.0, 1.3), num_candidates: int = 10) -> dict:
+    """What ACS needs from the organism, per sampling temperature, on held-out queries:
+    oracle room on small objects (best-of-N minus greedy Acc@0.5), no-box share, and the best
+    within-query Spearman of any head's entropy with IoU."""
+    import numpy as np
+
+    from ..ground import GroundConfig, Grounder
+    from ..metrics import mean_within_group_spearman, size_bucket, summarize
+    from ..sampling import SamplingConfig
+    from .scenes import grounding_queries
+
+    was_training = adapter.model.training
+    adapter.model.eval()
+    items = grounding_queries(variant, split, n)
+    buckets = np.array([str(size_bucket(a)) for _, a in items])
+    out = {}
+    for t in temperatures:
+        g = Grounder(adapter, GroundConfig(sampling=SamplingConfig(num_candidates=num_candidates, temperature=t)))
+        res = []
+        for b in range(0, len(items), 8):
+            res += g.ground([q for q, _ in items[b:b + 8]])
+        per = {sel: summarize(np.array([r.candidates[r.selected[sel]].iou if r.selected.get(sel) is not None
+                                        else 0.0 for r in res]), buckets) for sel in ("greedy", "oracle")}
+        ent, iou, grp = [], [], []
+        for qi, r in enumerate(res):
+            for c in r.candidates:
+                if c.entropy is not None and c.iou is not None:
+                    ent.append(c.entropy.mean(0)), iou.append(c.iou), grp.append(qi)
+        rho = []
+        if ent:
+            e = np.stack(ent)  # (M, L, H)
+            rho = [mean_within_group_spearman(-e[:, l, h], np.array(iou), np.array(grp))
+                   for l in range(e.shape[1]) for h in range(e.shape[2])]
+        sampled = [c for r in res for c in r.candidates if c.cand_idx > 0]
+        out[str(t)] = {
+            "greedy": per["greedy"], "oracle": per["oracle"],
+            "oracle_room_small": per["oracle"]["small"]["acc50"] - per["greedy"]["small"]["acc50"],
+            "no_box_share_sampled": sum(c.status != "ok" for c in sampled) / max(1, len(sampled)),
+            "best_head_spearman": float(np.nanmax(rho)) if rho and np.isfinite(rho).any() else None,
+            "median_head_spearman": float(np.nanmedian(rho)) if rho and np.isfinite(rho).any() else None}
+    adapter.model.train(was_training)
+    return out
+
+
+def checkpoint_premise(path: str, n: int = 96, temperatures=(0.7, 1.0, 1.3)) -> dict:
+    """Premise metrics and image dependence of a saved checkpoint (a run's `ckpt/` or the shipped
+    organism), loaded as `acs label` loads it."""
+    import json
+    from pathlib import Path
+
+    from ..models.base import load_adapter, resolve_model
+
+    adapter = load_adapter(path, device="cpu", dtype="fp32")
+    meta = Path(resolve_model(path)) / "acs_model.json"
+    step = json.loads(meta.read_text()).get("steps") if meta.exists() else None
+    return {"checkpoint": str(path), "step": step,
+            "premise (shapes/calib)": premise_eval(adapter, n=n, temperatures=tuple(temperatures)),
+            "image_dependence": image_dependence(adapter)}

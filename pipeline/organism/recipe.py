@@ -1,0 +1,165 @@
+"""A training recipe: the committed list of phases that takes the organism from random weights to
+the shipped checkpoint. One JSON file says everything a rerun needs (`recipes/` holds the
+shipped one and the variants it was chosen against), so the checkpoint is reproducible by one
+command instead of by a history of hand-stopped runs with different flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`steps` optimiser steps with their own warm-up + cosine schedule (from `lr` down to
+    `min_lr_frac * lr`). The optimizer's moments carry over from the phase before."""
+
+    name: str
+    steps: int
+    lr: float
+    warmup: int = 0
+    min_lr_frac: float = 0.05
+    # Curriculum: training scenes of 1 to `max_objects` objects; None draws the benchmark's own
+    # scenes (2 to `scenes.MAX_OBJECTS`).
+    max_objects: int | None = None
+    # The tower stays fixed (no backward through it) until the language model reads its features:
+    # trained jointly from random weights, it collapsed to one constant vector (finding 1).
+    train_vision: bool = True
+    vision_lr_scale: float = 1.0
+    text_lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"phase {self.name!r}: steps >= 1, lr > 0, warmup >= 0 and "
+                             f"0 <= min_lr_frac <= 1 are required")
+        if self.max_objects is not None and self.max_objects < 1:
+            raise ValueError(f"phase {self.name!r}: max_objects must be >= 1 or null")
+
+    def lr_at(self, step_in_phase: int) -> float:
+        import math
+
+        if step_in_phase < self.warmup:
+            return self.lr * (step_in_phase + 1) / self.warmup
+        frac = (step_in_phase - self.warmup) / max(1, self.steps - self.warmup)
+        cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * cos)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Premise bars on calib at which the run has done its job and ends early (checked at every
+    premise evaluation, at `Recipe.temperature`). None: that bar is not checked."""
+
+    greedy_large: float | None = None
+    greedy_small: float | None = None
+    room_small: float | None = None
+
+    def met(self, premise_at_t: dict) -> bool:
+        checks = [(self.greedy_large, premise_at_t["greedy"]["large"]["acc50"]),
+                  (self.greedy_small, premise_at_t["greedy"]["small"]["acc50"]),
+                  (self.room_small, premise_at_t["oracle_room_small"])]
+        active = [(bar, got) for bar, got in checks if bar is not None]
+        return bool(active) and all(got >= bar for bar, got in active)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    phases: tuple[Phase, ...]
+    seed: int = 0
+    batch_size: int = 32
+    turns: int = 4
+    # bf16 autocast of the forward pass (weights and optimizer stay fp32); measured against fp32
+    # on these CPUs in the model card before it was chosen.
+    bf16_autocast: bool = False
+    model: dict = field(default_factory=dict)  # OrganismConfig fields that differ from its defaults
+    ckpt_every: int = 25
+    eval_every: int = 100  # greedy Acc@0.5 per bucket + image dependence
+    eval_n: int = 96  # calib queries per evaluation (48 swung by 0.25 between evaluations)
+    premise_every: int = 500  # best-of-N, room, head Spearman, no-box share (and at each phase end)
+    premise_candidates: int = 10
+    temperature: float = 1.0  # the sampling temperature the premise evaluations (and Stop) use
+    final_temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)  # compared once at the end, on calib
+    stop: Stop = field(default_factory=Stop)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def phase_at(self, step: int) -> tuple[int, Phase, int]:
+        """(index, phase, step within it) of global step `step` (0-based; past the end: the last)."""
+        start = 0
+        for i, p in enumerate(self.phases):
+            if step < start + p.steps or i == len(self.phases) - 1:
+                return i, p, step - start
+            start += p.steps
+        raise ValueError("a recipe has at least one phase")
+
+    def phase_end(self, index: int) -> int:
+        return sum(p.steps for p in self.phases[: index + 1])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**data)
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    data = dict(data)
+    if not data.get("phases"):
+        raise ValueError(f"{where}: 'phases' must be a non-empty list")
+    names = [p.get("name") for p in data["phases"]]
+    if len(set(names)) != len(names) or None in names:
+        raise ValueError(f"{where}: every phase needs a unique 'name', got {names}")
+    data["phases"] = tuple(_build(Phase, p, f"{where}, phase {p.get('name')!r}") for p in data["phases"])
+    data["stop"] = _build(Stop, data.get("stop") or {}, f"{where}, stop")
+    if "final_temperatures" in data:
+        data["final_temperatures"] = tuple(data["final_temperatures"])
+    from .model import OrganismConfig
+
+    _build(OrganismConfig, data.get("model") or {}, f"{where}, model")
+    return _build(Recipe, data, where)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe file; a bare name (`organism-v2`) is looked up in the committed `recipes/`."""
+    p = Path(path)
+    if not p.exists() and (RECIPES / f"{path}.json").exists():
+        p = RECIPES / f"{path}.json"
+    if not p.exists():
+        known = sorted(q.stem for q in RECIPES.glob("*.json"))
+        raise FileNotFoundError(f"no recipe {str(path)!r} (a JSON file, or one of {known})")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    return recipe_from_dict(data, where=str(p))
+
+
+def same_settings(a: Recipe, b: Recipe) -> bool:
+    """The settings that shape every phase's training (evaluation settings may differ)."""
+    key = lambda r: (r.seed, r.batch_size, r.turns, r.bf16_autocast, r.model)  # noqa: E731
+    return key(a) == key(b)
+
+
+def shared_prefix(a: Recipe, b: Recipe) -> int:
+    """How many leading phases two recipes share exactly, with the same batch and model settings
+    (0 when anything that shapes those phases differs)."""
+    if not same_settings(a, b):
+        return 0
+    n = 0
+    for pa_, pb in zip(a.phases, b.phases):
+        if pa_ != pb:
+            break
+        n += 1
+    return n
