@@ -13,7 +13,7 @@ COMMANDS = {
     "calibrate": ("jobs.calibrate", "ACS-Free head profile from a labelled run"),
     "train-regressor": ("jobs.train_regressor", "ACS-Learned IoU regressor"),
     "report": ("jobs.report", "static HTML report of a labelled run"),
-    "export": ("jobs.export", "auto-labels as COCO or Label Studio JSON"),
+    "export": ("jobs.export", "auto-labels as COCO or Label Studio JSON, or YOLO txt"),
     "make-synthetic": ("jobs.make_synthetic", "synthetic COCO-format benchmark"),
     "make-tiny-model": ("jobs.make_tiny_model", "random-weight model of a real architecture, offline"),
     "train-organism": ("jobs.train_organism", "train the shipped small Qwen2.5-VL"),

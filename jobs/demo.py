@@ -25,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pipeline.label import ConfigMismatch, LabelConfig, run_label, summary_text
-    from pipeline.organism.scenes import make_synthetic
+    from pipeline.organism.scenes import GEOMETRY, make_synthetic
 
     out = Path(args.out)
     data = out / "data"
     summary_file = data / "summary.json"
-    if not (summary_file.exists() and json.loads(summary_file.read_text()).get("n_images") == args.n_images):
+    old = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    # Regenerated when the size or the scene geometry differs (a folder from before the v2 scenes).
+    if (old.get("n_images"), old.get("geometry")) != (args.n_images, GEOMETRY):
         make_synthetic(str(data), "shapes", "test", args.n_images, seed=0)
     t0 = time.time()
     cfg = LabelConfig(output=str(out / "labels"), coco=str(data / "annotations.json"), images=str(data),

@@ -46,9 +46,11 @@ def config_from_args(argv: list[str] | None) -> LabelConfig:
     args = build_parser().parse_args(argv)
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelConfig)
               if hasattr(args, f.name) and f.name not in ("categories", "storage_options", "run_id")}
+    # `--categories ""` stays an (empty) list, which the listing refuses, rather than None, which
+    # would quietly mean "each image's own categories"; blanks from a trailing comma are dropped.
+    categories = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
     return LabelConfig(**kwargs, storage_options=parse_storage_options(args.storage_option, "acs label"),
-                       categories=[c.strip() for c in args.categories.split(",")] if args.categories else None,
-                       run_id=args.run_id, progress=not args.no_progress)
+                       categories=categories, run_id=args.run_id, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     try:
         summary = run_label(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # a wrong input (InputError, NoQueries) or setting
         print(f"acs label: {e}", file=sys.stderr)
         return 2
     except (ShardsFailed, StorageError) as e:  # storage faults after the retries: a rerun resumes

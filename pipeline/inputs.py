@@ -7,6 +7,9 @@ reruns skip finished work and never duplicate rows.
 
 A query that is unusable on its face (empty or absurd text, unknown category, duplicate id) is
 still listed, with `pre_status`/`pre_error` set: it gets its row, it just never reaches the model.
+An input that is unusable as a whole (not a COCO file, a manifest without its columns, a URL that
+matches no shard, a listing of zero queries) raises `InputError` before anything runs: a job that
+"succeeds" with nothing to label tells a user who pointed at the wrong file nothing for hours.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ from pathlib import Path
 import fsspec
 
 MAX_QUERY_CHARS = 200
+
+
+class InputError(ValueError):
+    """An input that cannot be what the user meant; the message names the input and what is wrong.
+    A ValueError, not an OSError: `retry_io` retries OSErrors as storage faults, and retrying a
+    wrong file cannot help."""
+
+
+class NoQueries(InputError):
+    """An input that lists no query at all; the message says why."""
 
 
 def _hash(*parts) -> str:
@@ -60,14 +73,15 @@ def list_coco(ann_uri: str, images_root: str, storage_options: dict | None = Non
               multi_instance: bool = False) -> list[dict]:
     """One query per (image, category) with exactly one instance (METHOD.md); annotations that
     name an unknown category become `query_error` rows rather than disappearing."""
-    with fsspec.open(ann_uri, "r", **(storage_options or {})) as f:
-        coco = json.load(f)
-    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    images = {im["id"]: im for im in coco.get("images", [])}
+    coco = _read_coco(ann_uri, storage_options)
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {im["id"]: im for im in coco["images"]}
     by_pair: dict[tuple, list] = {}
     bad: list[dict] = []
-    for ann in coco.get("annotations", []):
+    crowd = 0
+    for ann in coco["annotations"]:
         if ann.get("iscrowd", 0):
+            crowd += 1
             continue
         key = (ann["image_id"], ann["category_id"])
         if ann["category_id"] not in cats or ann["image_id"] not in images:
@@ -90,7 +104,44 @@ def list_coco(ann_uri: str, images_root: str, storage_options: dict | None = Non
                    gt=(x, y, x + w, y + h), gt_area=ann.get("area"), width=im.get("width"),
                    height=im.get("height"))
         out.append(q)
+    if not out and not bad:
+        raise NoQueries(f"{ann_uri} lists no query: {_why_no_coco_query(coco, crowd, by_pair)}")
     return out + bad
+
+
+COCO_KEYS = ("images", "annotations", "categories")
+
+
+def _read_coco(ann_uri: str, storage_options: dict | None) -> dict:
+    """The annotation JSON, checked to be a COCO dataset: any other JSON (a run summary, a COCO
+    results list) would otherwise list zero queries and the run would end "successfully"."""
+    with fsspec.open(ann_uri, "r", **(storage_options or {})) as f:
+        try:
+            coco = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{ann_uri} is not JSON ({e})") from e
+    if not isinstance(coco, dict):
+        hint = " (a COCO results file?)" if isinstance(coco, list) else ""
+        raise InputError(f"{ann_uri} holds a JSON {type(coco).__name__}{hint}, not a COCO annotation "
+                         f"file: an object with {', '.join(f'`{k}`' for k in COCO_KEYS)} lists")
+    missing = [k for k in COCO_KEYS if not isinstance(coco.get(k), list)]
+    if missing:
+        keys = ", ".join(sorted(map(str, coco))[:8]) or "none"
+        raise InputError(f"{ann_uri} is not a COCO annotation file: it has no "
+                         f"{' and no '.join(f'`{k}` list' for k in missing)} (its top-level keys: {keys})")
+    return coco
+
+
+def _why_no_coco_query(coco: dict, crowd: int, by_pair: dict) -> str:
+    if not coco["images"]:
+        return "it has no images"
+    if not coco["annotations"]:
+        return "it has no annotations (queries come from ground truth; an image list without them is " \
+               "labelled with --queries or --shards --categories)"
+    if crowd == len(coco["annotations"]):
+        return f"all {crowd} annotations are crowd regions (iscrowd=1)"
+    return (f"none of its {len(by_pair)} (image, category) pairs has exactly one instance, and a query needs "
+            "an unambiguous ground truth (METHOD.md)")
 
 
 def list_manifest(uri: str, images_root: str | None, storage_options: dict | None = None) -> list[dict]:
@@ -109,10 +160,13 @@ def list_manifest(uri: str, images_root: str | None, storage_options: dict | Non
     elif lower.endswith((".jsonl", ".ndjson")):
         df = pl.read_ndjson(io.BytesIO(data))
     else:
-        raise ValueError(f"manifest {uri}: unknown format (use .parquet, .csv or .jsonl)")
+        raise InputError(f"manifest {uri}: unknown format (use .parquet, .csv or .jsonl)")
     missing = {"image", "category"} - set(df.columns)
     if missing:
-        raise ValueError(f"manifest {uri}: missing column(s) {sorted(missing)}; need `image` and `category`")
+        raise InputError(f"manifest {uri}: missing column(s) {sorted(missing)}; need `image` and `category` "
+                         f"(it has {sorted(df.columns)})")
+    if not df.height:
+        raise NoQueries(f"manifest {uri} lists no query: it has no rows")
     out = []
     for i, row in enumerate(df.iter_rows(named=True)):
         qid = row.get("query_id")
@@ -156,20 +210,24 @@ def list_shards(url: str, storage_options: dict | None = None, categories: list[
     Bytes stay in the shard until the CPU stage reads them."""
     import pyarrow.parquet as pq
 
+    if categories is not None:
+        _check_categories(categories)
     fs, _, paths = fsspec.get_fs_token_paths(url, storage_options=storage_options or {})
     if len(paths) <= 1 and fs.isdir(paths[0] if paths else url):  # a folder: every shard under it
         paths = fs.find(paths[0] if paths else url)
     paths = sorted(p for p in paths if p.endswith((".parquet", ".tar")))
     if not paths:
-        raise FileNotFoundError(f"no Parquet or WebDataset (.tar) shards match {url}")
+        raise NoQueries(f"--shards {url} lists no query: no Parquet or WebDataset (.tar) shard matches it")
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     out = []
+    n_images = 0
     for path in paths:
         uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
         shard = f"{posixpath.basename(path).rsplit('.', 1)[0]}-{_hash(uri)}"
         if path.endswith(".tar"):
             with fs.open(path, "rb") as f:
                 rows = _tar_rows(f)
+            n_images += len(rows)
             for row in rows:
                 cats = categories or row.get("categories") or ([row["category"]] if row.get("category") else [])
                 for cat in cats:
@@ -182,6 +240,7 @@ def list_shards(url: str, storage_options: dict | None = None, categories: list[
             names = pf.schema_arrow.names
             cols = [c for c in ("key", "image_id", "categories", "category", "width", "height") if c in names]
             table = pf.read(columns=cols)
+        n_images += table.num_rows
         for i, row in enumerate(table.to_pylist()):
             cats = categories or row.get("categories") or ([row["category"]] if row.get("category") else [])
             key = str(row.get("key") or i)
@@ -189,7 +248,26 @@ def list_shards(url: str, storage_options: dict | None = None, categories: list[
                 out.append(_query(f"{key}:{cat}", row.get("image_id", key), f"{uri}#{key}", cat,
                                   shard_file=uri, row_index=i, shard_id=shard,
                                   width=row.get("width"), height=row.get("height")))
+    if not out:
+        if not n_images:
+            why = f"its {len(paths)} shard file(s) hold no image"
+        else:
+            why = (f"none of its {n_images} image(s) in {len(paths)} shard file(s) names a category (a `categories` "
+                   "or `category` column, or `categories` in a tar's KEY.json); pass --categories a,b")
+        raise NoQueries(f"--shards {url} lists no query: {why}")
     return out
+
+
+def _check_categories(categories: list[str]) -> None:
+    """`--categories` replaces each image's own categories: an empty list would silently fall back
+    to them (or to nothing), and a blank name would make every query a `query_error`."""
+    if not categories:
+        raise InputError("--categories names no category; name at least one (a,b) or leave it out to use "
+                         "each image's own `categories`")
+    for c in categories:
+        bad = check_query_text(c)
+        if bad:
+            raise InputError(f"--categories {','.join(map(str, categories))!r}: category {c!r}: {bad}")
 
 
 def dedupe(queries: list[dict]) -> list[dict]:

@@ -69,11 +69,17 @@ class LabelConfig:
 
 
 def _list(cfg: LabelConfig) -> tuple[list[dict], str]:
-    from .inputs import assign_shards, dedupe, list_coco, list_manifest, list_shards
+    """Every query of the input, with its shard id. An input that lists nothing, or nothing a model
+    could be asked, raises `NoQueries` (an `InputError`) here, before Ray starts or the output's
+    configuration record is written (which would then refuse the corrected command)."""
+    from .inputs import InputError, assign_shards, dedupe, list_coco, list_manifest, list_shards
 
     given = [x for x in (cfg.coco, cfg.queries, cfg.shards) if x]
     if len(given) != 1:
         raise ValueError("give exactly one input: --coco ANN.json --images ROOT, --queries MANIFEST, or --shards URL")
+    if cfg.categories is not None and not cfg.shards:
+        # --coco and --queries name each query's category; ignoring the flag would label other ones
+        raise InputError("--categories applies to --shards only; --coco and --queries name each query's category")
     so = cfg.storage_options
 
     def retried(fn, what):  # a listing is metadata reads only: retried as a whole
@@ -89,9 +95,44 @@ def _list(cfg: LabelConfig) -> tuple[list[dict], str]:
     else:
         qs, key = retried(lambda: list_shards(cfg.shards, so, cfg.categories), cfg.shards), f"shards:{cfg.shards}"
     qs = dedupe(qs)
+    _check_usable(qs, given[0])
     if cfg.limit:
         qs = qs[: cfg.limit]
     return assign_shards(qs, cfg.shard_size, key), key
+
+
+def _check_usable(queries: list[dict], source: str) -> None:
+    """A listing whose every query is unusable on its face (say, every annotation naming an unknown
+    category id) would write error rows only: a run with nothing for the model is a wrong input."""
+    from .inputs import NoQueries
+
+    if not queries:  # each lister says why itself; this is the guard for any other
+        raise NoQueries(f"{source} lists no query")
+    if all(q.get("pre_status") for q in queries):
+        why = Counter(q["pre_error"] for q in queries).most_common(3)
+        raise NoQueries(f"{source}: none of its {len(queries)} listed queries is usable ("
+                        + "; ".join(f"{n} x {e}" for e, n in why) + ")")
+
+
+# A local stat is free; on an object store each would be a request (and a fault to retry), and a
+# missing object there still becomes an `image_error` row, so only local images are checked.
+IMAGE_PROBES = 8
+
+
+def check_images_found(queries: list[dict], images: str | None) -> None:
+    """Refuse an image root under which none of the first listed local images exists (the usual
+    mistake: ROOT/images given where the file names already start with images/), instead of a
+    run whose every row is `image_error: file not found`. Single missing images stay rows."""
+    from .inputs import InputError
+
+    local = [q["image_uri"] for q in queries if not q.get("pre_status") and not q.get("shard_file")
+             and q.get("image_uri") and "://" not in q["image_uri"]][:IMAGE_PROBES]
+    if local and not any(os.path.exists(u) for u in local):
+        if images:
+            raise InputError(f"none of the first {len(local)} images exists under --images {images}, e.g. "
+                             f"{local[0]}; is --images the folder the file names are relative to?")
+        raise InputError(f"none of the first {len(local)} images the manifest names exists, e.g. {local[0]}; "
+                         "relative paths need --images ROOT")
 
 
 def _versions() -> dict:
@@ -326,9 +367,14 @@ def run_label(cfg: LabelConfig) -> dict:
     queries, source_key = _list(cfg)
     expected = Counter(q["shard_id"] for q in queries)
     done = out.done_shards()
+    complete = _complete(out, done, expected)
+    pending = [q for q in queries if q["shard_id"] not in complete]
+    # Images are looked for only when there is work: a finished output reruns as a no-op even if
+    # its images have moved since. And before the configuration record is written: a record of the
+    # wrong --images would refuse the corrected command as "another configuration".
+    check_images_found(pending, cfg.images)
     check_config_record(out, result_config(cfg, selector, profile, regressor), done)
-    done = _complete(out, done, expected)
-    pending = [q for q in queries if q["shard_id"] not in done]
+    done = complete
     t_listed = time.time()
     counters = {"queries": len(queries), "shards": len(expected), "shards_skipped": len(set(expected) & done),
                 "queries_pending": len(pending)}

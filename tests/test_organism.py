@@ -231,3 +231,28 @@ def test_train_organism_cli_errors(tmp_path):
         main(["--recipe", "nope", "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="has no checkpoint"):
         main(["--out", str(tmp_path / "r"), "--export", str(tmp_path / "e")])
+
+
+def test_organism_reads_scenes_unresized_and_resizes_other_images_like_qwen():
+    """The v2 geometry: patch 14, 2x2 merge, the scene size as the processor's only size (12 x 9
+    visual tokens); an image of another size goes through the processor's own smart resize, as
+    the real Qwen2.5-VL processor would treat it."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from pipeline.models.tokenizer import build_tokenizer
+    from pipeline.organism.model import OrganismConfig, organism_configs
+    from pipeline.organism.scenes import HEIGHT, WIDTH
+
+    oc = OrganismConfig()
+    assert (oc.patch_size, oc.input_width, oc.input_height) == (14, WIDTH, HEIGHT)
+    config, processor = organism_configs(oc, build_tokenizer())
+    assert config.vision_config.patch_size == 14 and config.vision_config.spatial_merge_size == 2
+    ip = processor.image_processor
+    for size in [(WIDTH, HEIGHT), (640, 480), (500, 300), (90, 400)]:
+        thw = ip(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0].tolist()
+        h, w = smart_resize(size[1], size[0], factor=28, min_pixels=WIDTH * HEIGHT, max_pixels=WIDTH * HEIGHT)
+        assert thw == [1, h // 14, w // 14]
+        if size == (WIDTH, HEIGHT):  # the scenes themselves: exactly 12 x 9 tokens, no resize
+            assert (h, w) == (HEIGHT, WIDTH) and thw == [1, 18, 24]
+        # (640x480 lands on 336x224, not 336x252: smart_resize floors 480 / 1.905 / 28 = 8.999...)

@@ -18,7 +18,7 @@ from _label_helpers import PARROT_BOX, PARROT_TOKENS, label_config, write_parrot
 
 @pytest.fixture(scope="session")
 def synthetic6(tmp_path_factory):
-    """make_synthetic(n=6): 6 JPEGs (640x480), annotations.json, shards/shard-00000.parquet; 23 queries."""
+    """make_synthetic(n=6): 6 JPEGs (336x252), annotations.json, shards/shard-00000.parquet; 21 queries."""
     from pipeline.inputs import dedupe, list_coco
     from pipeline.organism.scenes import make_synthetic
 
@@ -42,7 +42,7 @@ def parrot_data(tmp_path_factory, make_image, parrot_box):
 
 @pytest.fixture(scope="session")
 def synthetic_run(ray_session, synthetic6, parrot_model_dir, tmp_path_factory):
-    """The synthetic dataset labelled by the parrot (its 640x480 images are out of its training
+    """The synthetic dataset labelled by the parrot (its 336x252 images are out of its training
     distribution: a mix of `ok` and `no_box`), 3 shards of <= 8 queries."""
     from pipeline.label import run_label
 

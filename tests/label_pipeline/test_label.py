@@ -22,13 +22,13 @@ def _rows(table) -> list[dict]:
 # ------------------------------------------------------------------------------------ invariants
 def test_row_counts_and_shard_files(synthetic_run):
     out, summary, ids = synthetic_run["out"], synthetic_run["summary"], synthetic_run["query_ids"]
-    assert len(ids) == 23
+    assert len(ids) == 21
     assert_exactly_once(out, set(ids), K)  # boxes == queries; candidates == queries x (N+1); cand_idx 0..N
     c = summary["counters"]
-    assert c["queries"] == 23 and c["shards"] == 3 and c["shards_written"] == 3 and c["shards_skipped"] == 0
-    assert c["queries_pending"] == 23
+    assert c["queries"] == 21 and c["shards"] == 3 and c["shards_written"] == 3 and c["shards_skipped"] == 0
+    assert c["queries_pending"] == 21
     boxes, cands, attn = read(out, "boxes"), read(out, "candidates"), read(out, "attention")
-    assert c["rows"] == {"boxes": 23, "candidates": 23 * K, "attention": attn.num_rows}
+    assert c["rows"] == {"boxes": 21, "candidates": 21 * K, "attention": attn.num_rows}
     assert c["status"] == dict(Counter(boxes.column("status").to_pylist()))
     # capture=all: one attention row per candidate that has a box (its coordinate tokens)
     assert attn.num_rows == Counter(cands.column("status").to_pylist())["ok"]
@@ -45,7 +45,7 @@ def test_row_counts_and_shard_files(synthetic_run):
         assert m["attention"] == pq.read_table(os.path.join(out, "attention", f"{shard}.parquet")).num_rows
         assert set(b.column("shard_id").to_pylist()) == {shard}
         assert m["status"] == dict(Counter(b.column("status").to_pylist()))
-    assert sorted(m["queries"] for m in mk.values()) == [7, 8, 8]
+    assert sorted(m["queries"] for m in mk.values()) == [5, 8, 8]
     # attention rows are self-describing: entropy has 4 x layers x heads values
     for r in _rows(attn):
         assert len(r["entropy"]) == 4 * len(r["layers"]) * len(r["heads"]) > 0
@@ -157,7 +157,7 @@ def test_run_json_counters_versions_timings(synthetic_run):
     assert j["run_id"] == summary["run_id"]
     assert j["counters"] == summary["counters"]
     c = j["counters"]
-    assert (c["queries"], c["shards"], c["shards_written"], c["shards_skipped"]) == (23, 3, 3, 0)
+    assert (c["queries"], c["shards"], c["shards_written"], c["shards_skipped"]) == (21, 3, 3, 0)
     assert c["generated_tokens"] > 0
     assert c["shards_failed"] == 0 and j["failed_shards"] == {}
     assert j["model_layout"] == {"family": "qwen2.5-vl", "coord_system": "absolute", "visual_layout": "native"}
@@ -211,7 +211,7 @@ def test_summary_text_synthetic_run(synthetic_run):
     from pipeline.label import summary_text
 
     text = summary_text(synthetic_run["summary"], synthetic_run["out"])
-    assert "23 queries in 3 shard(s) (0 already done, 3 written)" in text
+    assert "21 queries in 3 shard(s) (0 already done, 3 written)" in text
     assert _table_cells(text, "greedy")["selector"] == "greedy"
 
 
@@ -235,9 +235,9 @@ def test_resume_skips_finished_shards_and_recomputes_a_lost_marker(ray_session, 
 
     full = run()
     c2 = full["counters"]
-    assert c2["queries"] == 23 and c2["shards"] == 6  # ceil(23 / 4)
+    assert c2["queries"] == 21 and c2["shards"] == 6  # ceil(21 / 4)
     assert c2["shards_skipped"] == 2 and c2["shards_written"] == 6 - 2
-    assert c2["queries_pending"] == 23 - 8 and c2["rows"]["boxes"] == 15
+    assert c2["queries_pending"] == 21 - 8 and c2["rows"]["boxes"] == 13
     assert_exactly_once(out, ids, K)
     m2 = markers(out)
     assert set(m1) < set(m2) and len(m2) == 6  # the limited run's shards are the full run's first two
@@ -310,7 +310,7 @@ def test_shards_glob_input_gives_the_coco_queries(ray_session, synthetic6, tiny_
     url = os.path.join(synthetic6["root"], "shards", "*.parquet")
     summary = run_label(label_config(output=out, shards=url, model=str(tiny_model_dir), max_new_tokens=TINY_TOKENS))
     c = summary["counters"]
-    assert c["queries"] == len(synthetic6["query_ids"]) == synthetic6["summary"]["n_queries"] == 23
+    assert c["queries"] == len(synthetic6["query_ids"]) == synthetic6["summary"]["n_queries"] == 21
     boxes = read(out, "boxes")
     # query ids are key:category; the same (image, category) pairs as the COCO listing
     coco_pairs = Counter()
@@ -319,11 +319,11 @@ def test_shards_glob_input_gives_the_coco_queries(ray_session, synthetic6, tiny_
     shard_pairs = Counter(boxes.column("image_id").to_pylist())
     assert {int(k): v for k, v in shard_pairs.items()} == dict(coco_pairs)
     assert_exactly_once(out, set(boxes.column("query_id").to_pylist()), K)
-    assert boxes.num_rows == 23
+    assert boxes.num_rows == 21
     # image bytes came out of the Parquet shard: every image decoded (the random model finds no box)
     statuses = Counter(boxes.column("status").to_pylist())
-    assert statuses == {"no_box": 23}, statuses
-    assert set(boxes.column("image_width").to_pylist()) == {640}
+    assert statuses == {"no_box": 21}, statuses
+    assert set(boxes.column("image_width").to_pylist()) == {336}
     assert set(boxes.column("image_uri").to_pylist()) == {
         f"{os.path.join(synthetic6['root'], 'shards', 'shard-00000.parquet')}#shapes-test-{i:06d}" for i in range(6)}
 
@@ -353,11 +353,11 @@ def test_webdataset_tar_input(ray_session, synthetic6, tiny_model_dir, tmp_path)
     out = str(tmp_path / "out")
     summary = run_label(label_config(output=out, shards=str(tar_path.parent) + "/", model=str(tiny_model_dir),
                                      max_new_tokens=TINY_TOKENS))
-    assert summary["counters"]["queries"] == len(synthetic6["query_ids"]) == 23
+    assert summary["counters"]["queries"] == len(synthetic6["query_ids"]) == 21
     boxes = read(out, "boxes")
     assert_exactly_once(out, set(boxes.column("query_id").to_pylist()), K)
-    assert Counter(boxes.column("status").to_pylist()) == {"no_box": 23}  # decoded; the random model finds no box
-    assert set(boxes.column("image_width").to_pylist()) == {640}
+    assert Counter(boxes.column("status").to_pylist()) == {"no_box": 21}  # decoded; the random model finds no box
+    assert set(boxes.column("image_width").to_pylist()) == {336}
 
 
 def test_limit_ending_mid_shard_then_full_run_loses_nothing(ray_session, synthetic6, tiny_model_dir, tmp_path):
@@ -375,9 +375,9 @@ def test_limit_ending_mid_shard_then_full_run_loses_nothing(ray_session, synthet
     full = run()
     c = full["counters"]
     # shard 0 (4 queries) kept; the short shard 1 recomputed with its 4 queries; 4 more shards written
-    assert (c["shards_skipped"], c["shards_written"], c["queries_pending"]) == (1, 5, 23 - 4)
+    assert (c["shards_skipped"], c["shards_written"], c["queries_pending"]) == (1, 5, 21 - 4)
     assert_exactly_once(out, set(synthetic6["query_ids"]), K)
-    assert sorted(m["queries"] for m in markers(out).values()) == [3, 4, 4, 4, 4, 4]
+    assert sorted(m["queries"] for m in markers(out).values()) == [1, 4, 4, 4, 4, 4]
     # a later limited run finds everything done (a longer marker is a superset)
     again = run(limit=6)
     assert again["counters"]["shards_skipped"] == 2 and again["counters"]["queries_pending"] == 0

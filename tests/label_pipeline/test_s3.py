@@ -103,7 +103,7 @@ def test_s3_coco_run_tables_read_back(coco_run, s3, s3_data, tmp_path):
 
     n = len(s3_data["query_ids"])
     c = coco_run["summary"]["counters"]
-    assert n == 9 and c["queries"] == n and c["shards"] == 3 and c["shards_written"] == 3 and c["shards_skipped"] == 0
+    assert n == 10 and c["queries"] == n and c["shards"] == 3 and c["shards_written"] == 3 and c["shards_skipped"] == 0
     # image bytes were read from S3 by the Ray workers: every image decoded (the random model finds no box)
     assert c["status"] == {"no_box": n}
     boxes, cands = load_tables(coco_run["out"], s3["storage_options"])

@@ -38,14 +38,14 @@ def test_label_run_fails_per_shard_and_rerun_completes(ray_session, s3, s3_data,
     def cfg(run_id: str) -> LabelConfig:  # "the same command": only the run id differs
         return LabelConfig(output=f"s3://{BUCKET}/{OUT}", coco=s3_data["coco"], images=s3_data["images"],
                            model=str(tiny_model_dir), num_candidates=N_CAND, max_new_tokens=12, batch_size=4,
-                           shard_size=3, progress=False, storage_options=storage_options(proxy.endpoint),
+                           shard_size=4, progress=False, storage_options=storage_options(proxy.endpoint),
                            io_retries=2, io_backoff=0.02, run_id=run_id)
 
     queries, _ = _list(cfg("probe"))
     ids = {q["query_id"] for q in queries}
     shard_of = {q["query_id"]: q["shard_id"] for q in queries}
     shards = sorted(set(shard_of.values()))
-    assert len(queries) == 9 and len(shards) == 3
+    assert len(queries) == 10 and len(shards) == 3
     ok_shard, write_shard, read_shard = shards
     images = {s: {q["image_uri"] for q in queries if q["shard_id"] == s} for s in shards}
     # an image only the read-fault shard uses; a flaky one the healthy shard uses
@@ -73,7 +73,8 @@ def test_label_run_fails_per_shard_and_rerun_completes(ray_session, s3, s3_data,
     assert write_shard in msg and read_shard in msg
     c = err.summary["counters"]
     assert (c["shards"], c["shards_written"], c["shards_failed"], c["shards_skipped"]) == (3, 1, 2, 0)
-    assert sum(c["status"].values()) == 3 and "storage_error" not in c["status"]  # the healthy shard only
+    healthy = sum(s == ok_shard for s in shard_of.values())
+    assert healthy == 4 and sum(c["status"].values()) == healthy and "storage_error" not in c["status"]  # the healthy shard only
     # exactly the faults asked for: 3 attempts per exhausted PUT and per read of the bad image
     assert proxy.count("503", "PUT", rf"boxes/{write_shard}") == 3
     assert proxy.count("503", "GET", key(bad_image)) == 3 * bad_reads
@@ -90,8 +91,8 @@ def test_label_run_fails_per_shard_and_rerun_completes(ray_session, s3, s3_data,
     summary = run_label(cfg("rerun"))
     c2 = summary["counters"]
     assert (c2["shards_written"], c2["shards_failed"], c2["shards_skipped"]) == (2, 0, 1)
-    assert c2["queries_pending"] == sum(shard_of[q] != ok_shard for q in ids) == 6
-    assert sum(c2["status"].values()) == 6 and "storage_error" not in c2["status"]
+    assert c2["queries_pending"] == sum(shard_of[q] != ok_shard for q in ids) == len(ids) - healthy
+    assert sum(c2["status"].values()) == len(ids) - healthy and "storage_error" not in c2["status"]
     assert summary["failed_shards"] == {}
     assert proxy.count() == 0 and proxy.seen("PUT", rf"/{OUT}/\w+/{ok_shard}\.") == 0  # finished shard untouched
 

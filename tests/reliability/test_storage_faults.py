@@ -53,7 +53,7 @@ def test_reads_retried_listing_and_image_files(s3, s3_data, proxy, monkeypatch):
 
     proxy.fail("GET", r"/data/annotations\.json", first=2)
     queries, _ = _list(cfg)
-    assert len(queries) == s3_data["summary"]["n_queries"] == 9
+    assert len(queries) == s3_data["summary"]["n_queries"] == 10
     assert proxy.count("503", "GET", r"annotations\.json") == 2
     assert proxy.seen("GET", r"annotations\.json") == 3  # two faults, then the read that counted
 
@@ -92,7 +92,7 @@ def test_reads_retried_parquet_shards(s3, s3_data, proxy):
     proxy.fail("GET", r"list-type=2", first=2)
     proxy.fail("GET", r"/data/shards/shard-00000\.parquet", first=1)
     queries, _ = _list(cfg)
-    assert len(queries) == 9 and {q["shard_file"] for q in queries} == {f"s3://{BUCKET}/data/shards/shard-00000.parquet"}
+    assert len(queries) == 10 and {q["shard_file"] for q in queries} == {f"s3://{BUCKET}/data/shards/shard-00000.parquet"}
     assert proxy.count("503", "GET", "list-type=2") == 2
     assert proxy.count("503", "GET", r"shard-00000\.parquet") == 1
 
