@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .recipe import RECIPES, recipe_from_dict
+from .recipe import RECIPES, choose_temperature, recipe_from_dict
 
 BUCKETS = ("small", "medium", "large", "all")
 
@@ -100,7 +100,13 @@ def final_text(run: str | Path) -> str:
     finals = [r["final"] for r in read_log(run) if r.get("final")]
     stops = [r["stopped"] for r in read_log(run) if r.get("stopped")]
     if not finals:
-        return "The run has not finished its recipe; no temperature has been chosen yet."
+        multi = [r for r in read_log(run) if r.get("premise") and len(r["premise"]) > 1]
+        if not multi:
+            return "The run has not finished its recipe; no temperature has been chosen yet."
+        r = multi[-1]
+        return (f"The run has not finished its recipe. By the recipe's rule (the most oracle room on small "
+                f"objects, ties to the larger oracle mIoU), the premise of step {r['step']:,} above chooses "
+                f"**T = {choose_temperature(r['premise']):g}** for this checkpoint.")
     f = finals[-1]
     return (f"Shipped temperature, chosen on calib at step {f['step']:,}: **T = {f['temperature']:g}**"
             + (f" ({stops[-1]})." if stops else "."))

@@ -24,7 +24,7 @@ import torch
 from .batcher import Batcher, training_inputs
 from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size
 from .probes import _content, greedy_eval, image_dependence, premise_eval
-from .recipe import Recipe, recipe_from_dict, same_settings, shared_prefix
+from .recipe import Recipe, choose_temperature, recipe_from_dict, same_settings, shared_prefix
 
 LOG_EVERY = 20
 
@@ -98,15 +98,6 @@ def _fork(src_run: Path, out: Path, recipe: Recipe) -> int:
         f.write("".join(line + "\n" for line in lines))
         f.write(json.dumps({"step": end, "forked_from": str(src_run), "after_phase": src.phases[n - 1].name}) + "\n")
     return end
-
-
-def choose_temperature(premise: dict) -> float:
-    """The shipped temperature, from calib: the most oracle room on small objects, ties (within one
-    query's worth, 1e-9 here: exact ties) broken by the larger small-object oracle mIoU."""
-    def key(t):
-        r = premise[t]
-        return (round(r["oracle_room_small"], 9), r["oracle"]["small"]["miou"])
-    return float(max(premise, key=key))
 
 
 def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float = 0,
