@@ -18,10 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pipeline.evaluate import evaluate_run
+    from pipeline.inputs import InputError
     from pipeline.metrics import format_table
     from pipeline.storage import Output
 
-    result = evaluate_run(args.run, args.gt)
+    try:
+        result = evaluate_run(args.run, args.gt)
+    except InputError as e:  # --gt that is not a COCO file: say so, not a stack trace
+        print(f"acs evaluate: {e}", file=sys.stderr)
+        return 2
     if "table" not in result:
         print(f"acs evaluate: {result.get('note')}", file=sys.stderr)
         return 2

@@ -256,3 +256,15 @@ def test_finished_output_reruns_even_when_its_images_are_gone(synthetic6, tmp_pa
                "--num-candidates", str(cfg.num_candidates), "--batch-size", str(cfg.batch_size), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert "21 queries in 3 shard(s) (3 already done, 0 written)" in capsys.readouterr().out
+
+
+def test_evaluate_with_a_non_coco_gt_exits_2_naming_the_file(tmp_path, capsys):
+    import json
+
+    from jobs.evaluate import main
+
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps({"n_images": 3, "geometry": {}}))
+    assert main([str(tmp_path / "run"), "--gt", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("acs evaluate: ") and "summary.json is not a COCO annotation file" in err
