@@ -17,6 +17,7 @@ COMMANDS = {
     "make-synthetic": ("jobs.make_synthetic", "synthetic COCO-format benchmark"),
     "make-tiny-model": ("jobs.make_tiny_model", "random-weight model of a real architecture, offline"),
     "train-organism": ("jobs.train_organism", "train the shipped small Qwen2.5-VL"),
+    "check-model": ("jobs.check_model", "preflight a checkpoint before a long job"),
 }
 
 

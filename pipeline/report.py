@@ -203,7 +203,11 @@ def svg_layer_curves(curves: dict, layers: list[int]) -> str:
     lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
     pad = max((hi - lo) * 0.1, 1e-3)
     lo, hi = lo - pad, hi + pad
-    w, h, left, top, bottom, right = 560, 300, 60, 16, 40, 170
+    # The legend ("low (0 < IoU < 0.5), n=1234") sits right of the plot: its margin is sized from the
+    # longest label (about 6.5 px a character at font-size 11), else the SVG clips the counts.
+    longest = max((len(f"{name}, n={c['n']}") for name, c in series), default=0)
+    right = max(170, 45 + int(6.5 * longest))
+    w, h, left, top, bottom = 390 + right, 300, 60, 16, 40
     pw, ph = w - left - right, h - top - bottom
     lmin, lmax = (min(layers), max(layers)) if layers else (0, 1)
     xmap = lambda l: left + (pw * (l - lmin) / (lmax - lmin) if lmax > lmin else pw / 2)  # noqa: E731
@@ -526,9 +530,13 @@ td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c6282
 .plot{border:1px solid #eee;padding:8px}.plot h3{font-size:14px;margin:0 0 6px}
 .gallery{display:flex;flex-wrap:wrap;gap:16px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:560px;font-size:12px}
-.card .imgs{display:flex;gap:8px;align-items:flex-start}.card img{max-width:280px;image-rendering:auto}
+.card .imgs{display:flex;gap:8px;align-items:flex-start}.card img{max-width:276px;image-rendering:auto}
+/* 276: two images and the 8 px gap fill the 560 px card exactly (280 ran into its padding) */
 .label{font-weight:bold;font-size:13px;padding:2px 6px;border-radius:3px;color:#fff;display:inline-block}
-.helps{background:#1a7f37}.hurts{background:#c62828}.same{background:#777}.no_gt{background:#555}
+/* Scoped to the label: the card carries the same kind class, and its grey text is unreadable on the
+   label's colour; the card shows its kind by a coloured left edge instead. */
+.label.helps{background:#1a7f37}.label.hurts{background:#c62828}.label.same{background:#777}.label.no_gt{background:#555}
+.card.helps{border-left:4px solid #1a7f37}.card.hurts{border-left:4px solid #c62828}
 .note{color:#8a5a00;background:#fff7e0;padding:4px 8px;border-left:3px solid #e0a800;font-size:13px}
 .legend span{display:inline-block;margin-right:16px}.sw{display:inline-block;width:18px;height:0;
 vertical-align:middle;margin-right:4px;border-top:3px solid}

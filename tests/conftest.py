@@ -139,6 +139,28 @@ def _parrot_batches(adapter, n_batches: int = 4, size: int = 3):
     return batches
 
 
+def fit_parrot(model, batches, steps: int, lr: float = 3e-3, answers_only: bool = False) -> None:
+    """Fine-tune `model` on (inputs, labels) `batches` in turn; leaves it in eval mode.
+
+    `answers_only`: logits only from the first labelled position on (answers end every row), for a
+    large vocabulary whose head over the whole prompt would be most of the cost."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        inputs, labels = batches[step % len(batches)]
+        if answers_only:
+            keep = int((labels != -100).any(0).nonzero().min()) - 1
+            logits = model(**inputs, logits_to_keep=labels.shape[1] - keep).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                     labels[:, keep + 1:].flatten(), ignore_index=-100)
+        else:
+            loss = model(**inputs, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 @pytest.fixture(scope="session")
 def parrot_model_dir(tmp_path_factory, tiny_model_dir):
     """A tiny model fine-tuned to answer PARROT_BOX (resized-input pixels) in Qwen's JSON format."""
@@ -147,16 +169,8 @@ def parrot_model_dir(tmp_path_factory, tiny_model_dir):
 
     torch.manual_seed(0)
     adapter = load_adapter(str(tiny_model_dir), device="cpu")
-    model = adapter.model.train()
-    batches = _parrot_batches(adapter)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(120):
-        inputs, labels = batches[step % len(batches)]
-        loss = model(**inputs, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = adapter.model
+    fit_parrot(model, _parrot_batches(adapter), steps=120)
 
     out = tmp_path_factory.mktemp("parrot-qwen")
     model.save_pretrained(out, safe_serialization=True)

@@ -127,6 +127,23 @@ def test_recipe_errors_name_the_problem(tmp_path):
     assert load_recipe(ok).name == "tiny"
 
 
+def test_phase_size_mix_validated_and_compared_as_a_tuple():
+    import pytest
+
+    from pipeline.organism.recipe import Phase, load_recipe, recipe_from_dict, shared_prefix
+
+    p = Phase("a", 3, 1e-3, size_mix=[0.7, 0.2, 0.1])
+    assert p.size_mix == (0.7, 0.2, 0.1) and p == Phase("a", 3, 1e-3, size_mix=(0.7, 0.2, 0.1))
+    for bad in ([0.5, 0.5], [0.7, 0.2, 0.2], [1.2, -0.1, -0.1]):
+        with pytest.raises(ValueError, match="size_mix"):
+            Phase("a", 3, 1e-3, size_mix=bad)
+    # the small-heavy variant shares the first two phases with the shipped recipe and differs in
+    # the third only by its size mix (what the side-by-side comparison tests)
+    a, b = load_recipe("organism-v2"), load_recipe("organism-v2-small")
+    assert shared_prefix(a, b) == 2 and b.phases[2].size_mix == (0.7, 0.2, 0.1)
+    assert recipe_from_dict(b.to_dict()) == b  # the run directory's recipe.json reads back equal
+
+
 def test_stop_bars():
     from pipeline.organism.recipe import Stop
 

@@ -248,6 +248,21 @@ def test_cli(tmp_path, capsys):
     assert main(["--out", str(out), "--variant", "shapes", "--split", "train", "--n", "0"]) == 2
 
 
+def test_size_mix_shifts_training_sizes_and_leaves_the_splits_alone():
+    def shares(**kw):
+        n = {"small": 0, "medium": 0, "large": 0}
+        for i in range(150):
+            for _, o in S.make_scene("shapes", "train", i, **kw).queries():
+                n[S.size_bucket(o.area)] += 1
+        return {k: v / sum(n.values()) for k, v in n.items()}
+
+    base, small = shares(), shares(size_mix=(0.8, 0.1, 0.1))
+    assert small["small"] > base["small"] + 0.25 and small["large"] < base["large"]
+    assert S.make_scene("shapes", "train", 3, size_mix=(0.8, 0.1, 0.1)).objects == \
+        S.make_scene("shapes", "train", 3, size_mix=(0.8, 0.1, 0.1)).objects  # deterministic
+    assert S.make_scene("shapes", "train", 3).objects == S.make_scene("shapes", "train", 3, size_mix=None).objects
+
+
 def test_curriculum_max_objects_is_deterministic_and_leaves_the_splits_alone():
     # The training curriculum draws 1..max_objects objects; the published splits (no max_objects)
     # are untouched, and a curriculum scene is as reproducible as any other.

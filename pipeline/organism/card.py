@@ -49,6 +49,8 @@ def phases_table(run: str | Path) -> str:
         trains = "language model (tower frozen)" if not p.train_vision else \
             f"everything, tower lr x {p.vision_lr_scale:g}" + (f", text lr x {p.text_lr_scale:g}" if p.text_lr_scale != 1 else "")
         objects = f"1-{p.max_objects}" if p.max_objects else "2-5 (the benchmark's)"
+        if p.size_mix:
+            objects += ", sizes s/m/l " + "/".join(f"{v:g}" for v in p.size_mix)
         logged = [s for s in walls if start < s <= done]
         before = [s for s in walls if s <= start]
         wall = walls[max(logged)] - (walls[max(before)] if before else 0.0) if logged else None

@@ -26,6 +26,9 @@ class Phase:
     # Curriculum: training scenes of 1 to `max_objects` objects; None draws the benchmark's own
     # scenes (2 to `scenes.MAX_OBJECTS`).
     max_objects: int | None = None
+    # Training scenes' (small, medium, large) shares when sampling object sizes; None: the
+    # benchmark's own mix. More small objects is more gradient where the organism is weakest.
+    size_mix: tuple[float, float, float] | None = None
     # The tower stays fixed (no backward through it) until the language model reads its features:
     # trained jointly from random weights, it collapsed to one constant vector (finding 1).
     train_vision: bool = True
@@ -38,6 +41,12 @@ class Phase:
                              f"0 <= min_lr_frac <= 1 are required")
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"phase {self.name!r}: max_objects must be >= 1 or null")
+        if self.size_mix is not None:
+            mix = tuple(float(v) for v in self.size_mix)
+            if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
+                raise ValueError(f"phase {self.name!r}: size_mix must be 3 shares >= 0 summing to 1, "
+                                 f"got {self.size_mix}")
+            object.__setattr__(self, "size_mix", mix)  # JSON gives a list; phases compare as tuples
 
     def lr_at(self, step_in_phase: int) -> float:
         import math

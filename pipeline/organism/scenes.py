@@ -304,8 +304,9 @@ def _jitter(rng: np.random.Generator, colour: tuple, amount: int) -> tuple[int, 
     return tuple(int(v) for v in np.clip(np.array(colour) + rng.integers(-amount, amount + 1, 3), 0, 255))
 
 
-def _sample_size(rng: np.random.Generator, variant: str, shape: str) -> tuple[float, float]:
-    bucket = rng.choice(3, p=_SIZE_MIX[variant])
+def _sample_size(rng: np.random.Generator, variant: str, shape: str,
+                 size_mix: tuple[float, float, float] | None = None) -> tuple[float, float]:
+    bucket = rng.choice(3, p=size_mix or _SIZE_MIX[variant])
     fill = _FILL[shape]
     lo, hi = _AREA_RANGE[bucket]
     lo = max(lo, fill * _MIN_WIDTH**2)
@@ -334,12 +335,13 @@ def _distractor(rng: np.random.Generator, category: str) -> tuple[str | np.ndarr
 
 
 def make_scene(variant: str, split: str, index: int, seed: int = 0,
-               max_objects: int | None = None) -> Scene:
+               max_objects: int | None = None, size_mix: tuple[float, float, float] | None = None) -> Scene:
     """Render scene ``index`` of (variant, split); deterministic in all its arguments.
 
     `max_objects` (a training curriculum only; the published splits never set it) draws 1 to
     `max_objects` objects instead of 2 to `MAX_OBJECTS`: a scene of one object lets a model from scratch learn
-    where things are before it must also learn which one was asked for."""
+    where things are before it must also learn which one was asked for. `size_mix` (training only,
+    too) replaces the variant's (small, medium, large) shares of object sizes."""
     _check(variant, split)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
@@ -354,7 +356,7 @@ def make_scene(variant: str, split: str, index: int, seed: int = 0,
     plans = []
     for cat in cats:
         shape = cat.split(" ")[1]
-        w, h = _sample_size(rng, variant, shape)
+        w, h = _sample_size(rng, variant, shape, size_mix)
         plans.append((w * h * _FILL[shape], cat, shape, w, h))
     # Largest first, so small objects are drawn on top and the big ones still find room.
     plans.sort(key=lambda p: -p[0])

@@ -227,7 +227,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     while state["step"] < recipe.total_steps and not state.get("stopped"):
         step = state["step"]
         index, phase, k = recipe.phase_at(step)
-        batcher.max_objects = phase.max_objects
+        batcher.max_objects, batcher.size_mix = phase.max_objects, phase.size_mix
         batcher.rng.seed(recipe.seed * 1_000_003 + step)  # the same queries after a resume
         enc, answers, nxt = batcher.batch(state["next_index"], recipe.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
