@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.adaptive_k", description=__doc__)
@@ -28,18 +26,12 @@ def main(argv=None) -> int:
     ap.add_argument("--selector", default="acs-free")
     args = ap.parse_args(argv)
 
-    from benchmarks.common import emit
-    from pipeline.assets import default_paths
+    from benchmarks.common import benchmark_queries, emit, selector_metrics
     from pipeline.ground import GroundConfig, Grounder
-    from pipeline.metrics import size_bucket, summarize
-    from pipeline.models.base import load_adapter
     from pipeline.sampling import SamplingConfig
-    from pipeline.organism.scenes import grounding_queries
 
-    adapter = load_adapter(args.model)
-    profile, regressor = default_paths(args.model, None, None)
-    items = grounding_queries(args.variant, args.split, args.queries)
-    buckets = np.array([str(size_bucket(a)) for _, a in items])
+    adapter, profile, regressor, items, buckets = benchmark_queries(args.model, args.variant, args.split,
+                                                                    args.queries)
     res = {}
     for name, adaptive in (("full", False), ("adaptive", True)):
         cfg = GroundConfig(sampling=SamplingConfig(num_candidates=args.num_candidates), profile_path=profile,
@@ -52,11 +44,7 @@ def main(argv=None) -> int:
             results += g.ground([q for q, _ in items[b:b + args.batch_size]])
         wall = time.perf_counter() - t0
         tokens = sum(r.timings.get("generated_tokens", 0) for r in results)
-        per_sel = {}
-        for sel in ("greedy", args.selector, "oracle"):
-            ious = np.array([(r.candidates[r.selected[sel]].iou if r.selected.get(sel) is not None else 0.0)
-                             for r in results])
-            per_sel[sel] = summarize(ious, buckets)
+        per_sel = selector_metrics(results, buckets, ("greedy", args.selector, "oracle"))
         stopped = sum(r.candidates[-1].status == "skipped" for r in results)
         res[name] = {"tokens": tokens, "wall_s": wall, "stopped_early": stopped, "metrics": per_sel}
     saving = 1 - res["adaptive"]["tokens"] / max(1, res["full"]["tokens"])

@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--decode", choices=["box", "full"], default="box",
+                    help="box: force the answer's opening, stop when the box closes; full: decode the whole answer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--capture", choices=["all", "profile", "none"], default="all")
     ap.add_argument("--profile", default=None, help="ACS-Free head profile JSON")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sampling = SamplingConfig(num_candidates=args.num_candidates, temperature=args.temperature,
-                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  decode=args.decode)
         image = read_image(args.image)
         adapter = load_adapter(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
         profile, regressor = default_paths(args.model, args.profile, args.regressor)

@@ -539,7 +539,7 @@ def check_query(ctx: _Ctx) -> Check:
     selector = resolve_selector(cfg, regressor)
     ground_cfg = GroundConfig(
         sampling=SamplingConfig(num_candidates=cfg.num_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, decode=cfg.decode),
         capture=cfg.capture, profile_path=profile, regressor_path=regressor, grid=cfg.grid,
         keep_maps=cfg.dump_maps)
     ad = ctx.adapter

@@ -147,12 +147,14 @@ class Grounder:
         """Sample, parse and capture one round; per query: candidates, full maps, generated tokens."""
         ad = self.adapter
         t0 = time.perf_counter()
-        enc = ad.encode([q.image for q in queries], [q.category for q in queries])
+        enc = ad.encode([q.image for q in queries], [q.category for q in queries], opening=sampling.decode == "box")
         t1 = time.perf_counter()
         gen = sample(ad, enc, sampling, [q.query_id + salt for q in queries], greedy=greedy)
         t2 = time.perf_counter()
         k = gen.k
-        parsed = [ad.parse(toks, enc.input_sizes[r // k], enc.orig_sizes[r // k]) for r, toks in enumerate(gen.tokens)]
+        opens = enc.opening_texts or [""] * len(queries)
+        parsed = [ad.parse(toks, enc.input_sizes[r // k], enc.orig_sizes[r // k], opens[r // k])
+                  for r, toks in enumerate(gen.tokens)]
         wanted = [sorted({i for span in p.coord_tokens for i in span}) if p.box is not None else []
                   for _, p in parsed]
         maps = [None] * len(parsed)
@@ -175,7 +177,7 @@ class Grounder:
                 ms.append(m)
             out_c.append(cs)
             out_m.append(ms)
-            out_t.append(sum(min(len(gen.tokens[qi * k + c]) + 1, sampling.max_new_tokens) for c in range(k)))
+            out_t.append(sum(gen.decoded[qi * k:(qi + 1) * k]))
         return out_c, out_m, out_t, enc
 
     def _candidate(self, idx, parsed, tokens, logprobs, wanted, rows, gh, gw):

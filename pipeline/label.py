@@ -37,6 +37,9 @@ class LabelConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per candidate at most"})
+    decode: str = field(default="box", metadata={
+        "help": "box: force the answer's opening and stop each candidate when its box closes; full: decode "
+                "whole answers"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per-query generators derive from it)"})
     adaptive: bool = field(default=False, metadata={"help": "adaptive K: sample greedy + m first; stop when they agree"})
     adaptive_first: int = field(default=4, metadata={"help": "adaptive K: sampled candidates in the first round (m)"})
@@ -152,9 +155,12 @@ def _versions() -> dict:
 # otherwise "resume" (skip the finished shards) and leave two configurations in one table.
 # (`limit` is not one: a limited run's shards are the first shards of the full run, see _complete.)
 RESULT_FIELDS = ("coco", "images", "queries", "shards", "categories", "shard_size", "model",
-                 "num_candidates", "temperature", "top_p", "max_new_tokens", "seed", "adaptive",
+                 "num_candidates", "temperature", "top_p", "max_new_tokens", "decode", "seed", "adaptive",
                  "adaptive_first", "adaptive_iou", "capture", "dump_maps", "grid")
 CONFIG_RECORD = "_config.json"
+# Result fields added since records were first written, with the value older runs had: an output
+# labelled before `decode` existed decoded whole answers, and resumes as such.
+ADDED_RESULT_FIELDS = {"decode": "full"}
 
 
 class ConfigMismatch(ValueError):
@@ -210,6 +216,7 @@ def check_config_record(out: Output, rec: dict, done: set[str]) -> None:
                 "version): it cannot be checked that they match this run; label into a new --output")
         out.write_json(rec, CONFIG_RECORD)
         return
+    prior = {**ADDED_RESULT_FIELDS, **prior}
     now = json.loads(json.dumps(rec))  # the types a read-back has (tuples -> lists)
     diff = sorted(k for k in set(prior) | set(now) if prior.get(k) != now.get(k))
     if diff:
@@ -397,7 +404,7 @@ def run_label(cfg: LabelConfig) -> dict:
                              f"{cpus:g} for image loading; lower --actors or --cpus-per-actor")
         ground_cfg = GroundConfig(
             sampling=SamplingConfig(num_candidates=cfg.num_candidates, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, decode=cfg.decode),
             capture=cfg.capture, profile_path=profile, regressor_path=regressor, grid=cfg.grid,
             keep_maps=cfg.dump_maps, adaptive=cfg.adaptive, adaptive_first=cfg.adaptive_first,
             adaptive_iou=cfg.adaptive_iou)

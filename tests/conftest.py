@@ -9,6 +9,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import random  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -175,6 +176,8 @@ def parrot_model_dir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("parrot-qwen")
     model.save_pretrained(out, safe_serialization=True)
     adapter.processor.save_pretrained(out)
+    # The project's own model (plain JSON answers), not a released checkpoint (fenced)
+    shutil.copy(tiny_model_dir / "acs_model.json", out / "acs_model.json")
 
     enc = adapter.encode([solid_image(100, 90, seed=7)], ["red circle"])
     with torch.inference_mode():

@@ -216,7 +216,7 @@ def test_sample_independent_of_batch(family_adapter, make_image):
 def test_greedy_row_equals_generate(parrot_adapter, make_image):
     ad = parrot_adapter
     enc = ad.encode([make_image(112, 98, seed=3), make_image(168, 140, seed=4)], ["red circle", "blue square"])
-    gen = sample(ad, enc, SamplingConfig(num_candidates=2, max_new_tokens=32), ["q0", "q1"])
+    gen = sample(ad, enc, SamplingConfig(num_candidates=2, max_new_tokens=32, decode="full"), ["q0", "q1"])
     ref = ad.model.generate(**enc.inputs, do_sample=False, max_new_tokens=32)
     p = enc.inputs["input_ids"].shape[1]
     eos = ad.eos_token_ids[0]
@@ -231,7 +231,7 @@ def test_greedy_row_equals_generate(parrot_adapter, make_image):
 def test_greedy_row_equals_generate_every_family(family_adapter, batch):
     """The greedy row of `sample` (explicit positions, repeated cache) is what `generate` decodes."""
     ad = family_adapter
-    gen = sample(ad, batch, SamplingConfig(num_candidates=1, max_new_tokens=8), ["q0", "q1"])
+    gen = sample(ad, batch, SamplingConfig(num_candidates=1, max_new_tokens=8, decode="full"), ["q0", "q1"])
     ref = ad.model.generate(**batch.inputs, do_sample=False, max_new_tokens=8)
     p = batch.inputs["input_ids"].shape[1]
     eos = ad.eos_token_ids[0]

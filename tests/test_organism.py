@@ -173,9 +173,13 @@ def test_train_recipe_resumes_forks_and_makes_its_card(tmp_path):
     state = train(recipe, out, threads=2, until_step=1, print_fn=lambda s: None)
     assert state["step"] == 1 and not state.get("final")
     w1 = load_file(str(out / "ckpt" / "model.safetensors"))
+    # A run killed after its checkpoint has logged steps it will train again: they are dropped.
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "phase": "read", "loss": 9.9, "wall_s": 1.0}) + "\n")
     printed = []
     state = train(recipe, out, threads=2, print_fn=printed.append)
     assert "resuming at step 1" in printed
+    assert '"loss": 9.9' not in (out / "train_log.jsonl").read_text()
     assert state["step"] == 4 and state["final"]["temperature"] in (0.7, 1.0)
     w2 = load_file(str(out / "phases" / "read" / "model.safetensors"))
     w4 = load_file(str(out / "ckpt" / "model.safetensors"))

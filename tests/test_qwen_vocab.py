@@ -172,11 +172,22 @@ def test_fenced_digit_split_answer_parsed_to_original_pixels(qwen_adapter):
 
 
 def test_parrot_greedy_writes_the_fenced_answer(parrot):
+    """A checkpoint without acs_model.json is a released one: its answers are read (and, decoding
+    box-only, opened) in the released fenced style."""
     from pipeline.sampling import SamplingConfig, sample
 
-    enc = parrot.encode([_image((196, 224), 5)], ["blue square"])
-    gen = sample(parrot, enc, SamplingConfig(num_candidates=0, max_new_tokens=48), ["q"], greedy=True)
+    assert parrot.answer_style == "fenced"
+    assert parrot.answer_text(BOX, LABEL) == fenced(BOX, LABEL)
+    assert parrot.answer_opening(LABEL) == '```json\n[\n\t{"bbox_2d": ['
+    img = _image((196, 224), 5)
+    enc = parrot.encode([img], ["blue square"])
+    gen = sample(parrot, enc, SamplingConfig(num_candidates=0, max_new_tokens=48, decode="full"), ["q"])
     assert parrot.tokenizer.decode(gen.tokens[0]) == fenced(BOX, LABEL)
+    # box-only: the opening forced, the rest decoded up to the token that closes the box
+    enc = parrot.encode([img], ["blue square"], opening=True)
+    box = sample(parrot, enc, SamplingConfig(num_candidates=0, max_new_tokens=48), ["q"])
+    text = enc.opening_texts[0] + parrot.tokenizer.decode(box.tokens[0])
+    assert fenced(BOX, LABEL).startswith(text) and "178]" in text and len(box.tokens[0]) < len(gen.tokens[0]) / 2
 
 
 def test_capture_of_multi_token_coordinates_matches_eager(parrot, parrot_dir):
@@ -191,7 +202,7 @@ def test_capture_of_multi_token_coordinates_matches_eager(parrot, parrot_dir):
     res = Grounder(parrot, GroundConfig(sampling=SamplingConfig(num_candidates=0, max_new_tokens=48))).ground(
         [Query("q", img, "green triangle")])[0]
     cand = res.candidates[0]
-    assert cand.status == "ok" and cand.text == fenced(BOX, LABEL)
+    assert cand.status == "ok" and fenced(BOX, LABEL).startswith(cand.text) and "178]" in cand.text
     assert cand.box == pytest.approx(BOX)  # identity resize
 
     eager = load_adapter(str(parrot_dir), device="cpu", attn_implementation="eager")

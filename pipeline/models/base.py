@@ -30,6 +30,10 @@ class Encoded:
     # tile canvas, or the thumbnail with layout="thumbnail")
     input_sizes: list[tuple[int, int]]
     orig_sizes: list[tuple[int, int]]  # per item: (height, width) of the original image
+    # per item: the token ids of the answer's forced opening at the end of its prompt
+    # (`encode(..., opening=True)`, box-only decoding), None when the answer is decoded whole
+    openings: list[list[int]] | None = None
+    opening_texts: list[str] | None = None
 
 
 @dataclass
@@ -50,6 +54,12 @@ class Adapter:
     # renormalises over): "native" = every visual token of the image, one merged grid. Families
     # with several views of an image (InternVL's tiles + thumbnail) say which view(s) they expose.
     visual_layout: str = "native"
+    # How answers are written, where a family's released checkpoints and the project's own models
+    # differ (Qwen2.5-VL's released checkpoints fence their JSON; the organism was trained on plain
+    # JSON). `load_adapter` sets the released style for a checkpoint the project did not build
+    # (no acs_model.json) and the recorded one otherwise.
+    answer_style: str = "plain"
+    released_style: str | None = None
 
     def __init__(self, model, processor, model_id: str):
         self.model = model
@@ -90,9 +100,50 @@ class Adapter:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.eos_token_ids[0]
 
+    def answer_opening(self, category: str) -> str:
+        """The fixed text the family's answer starts with, up to its first coordinate (Qwen2.5-VL
+        `[{"bbox_2d": [`, InternVL `<ref>cat</ref><box>[[`): read off `answer_text`, so a family
+        defines its format once."""
+        text = self.answer_text((1, 2, 3, 4), category)
+        return text[: find_box(text).spans[0][0]]
+
+    @property
+    def box_close_ids(self) -> list[int]:
+        """Token ids that close a box once its opening is written: every token containing `]`
+        (each family's coordinate list ends with one, and no coordinate contains one)."""
+        if getattr(self, "_close_ids", None) is None:
+            self._close_ids = sorted(i for t, i in self.tokenizer.get_vocab().items() if "]" in t)
+        return self._close_ids
+
     # ---- layout -----------------------------------------------------------------------------
-    def encode(self, images, categories) -> Encoded:
+    def encode(self, images, categories, opening: bool = False) -> Encoded:
+        """A batch of prompts; `opening=True` appends each answer's forced opening to its prompt."""
         raise NotImplementedError
+
+    def _prompt_texts(self, categories, opening: bool) -> tuple[list[str], list[str] | None]:
+        texts = [self.processor.apply_chat_template(self.messages(c), add_generation_prompt=True,
+                                                    tokenize=False) for c in categories]
+        if not opening:
+            return texts, None
+        opens = [self.answer_opening(c) for c in categories]
+        return [t + o for t, o in zip(texts, opens)], opens
+
+    def _with_openings(self, enc: Encoded, opens: list[str] | None) -> Encoded:
+        """Record the openings' token ids, checking that the prompt ends with exactly them: a
+        tokenizer that merged the opening into the template's last token would make the model read
+        a prompt it never wrote."""
+        if opens is None:
+            return enc
+        ids, mask = enc.inputs["input_ids"], enc.inputs["attention_mask"]
+        enc.openings, enc.opening_texts = [], opens
+        for i, o in enumerate(opens):
+            want = self.tokenizer(o, add_special_tokens=False)["input_ids"]
+            got = ids[i, ids.shape[1] - len(want):].tolist()
+            if got != want or not bool(mask[i, -len(want):].all()):
+                raise ValueError(f"the answer opening {o!r} does not tokenize the same after the prompt "
+                                 f"({got} != {want}); use full decoding for this model")
+            enc.openings.append(want)
+        return enc
 
     def _to_device(self, inputs) -> dict:
         device = self.model.device
@@ -149,17 +200,23 @@ class Adapter:
             return (x1 * 1000 / ow, y1 * 1000 / oh, x2 * 1000 / ow, y2 * 1000 / oh)
         return (x1 * iw / ow, y1 * ih / oh, x2 * iw / ow, y2 * ih / oh)
 
-    def parse(self, token_ids: list[int], input_size, orig_size) -> tuple[str, ParsedBox]:
-        """Decode generated tokens and parse the first box; never raises on model output."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+    def parse(self, token_ids: list[int], input_size, orig_size, opening: str = "") -> tuple[str, ParsedBox]:
+        """Decode generated tokens and parse the first box; never raises on model output.
+
+        `opening`: the forced text before the generated tokens (box-only decoding); the returned
+        text is the whole answer, opening included, and coordinate tokens index the generated ones."""
+        text = opening + self.tokenizer.decode(token_ids, skip_special_tokens=False,
+                                               clean_up_tokenization_spaces=False)
         raw = find_box(text)
         if raw is None:
             return text, ParsedBox(None, error="no well-formed box of four numbers in the output")
         box, fixed = clamp_box(self.to_original(raw, input_size, orig_size), orig_size[1], orig_size[0])
         if box is None:
             return text, ParsedBox(None, fixed, error=f"box {list(raw.values)} is empty inside the image")
-        coord_tokens = tokens_for_spans(token_char_ends(self.tokenizer, token_ids), raw.spans)
+        if raw.spans[0][0] < len(opening):  # a number inside the forced text is not the model's
+            return text, ParsedBox(None, error="the box starts inside the forced opening")
+        spans = [(a - len(opening), b - len(opening)) for a, b in raw.spans]
+        coord_tokens = tokens_for_spans(token_char_ends(self.tokenizer, token_ids), spans)
         return text, ParsedBox(box, fixed, coord_tokens)
 
     def answer_text(self, box_in_model_coords, category: str) -> str:
@@ -247,8 +304,12 @@ def load_adapter(model: str = "organism", device: str | None = None, dtype: str 
         path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
         attn_implementation=attn_implementation,
     ).to(device).eval()
-    model_id = model
+    model_id, style = model, ADAPTERS[family].released_style
     meta = Path(path) / "acs_model.json"
     if os.path.isdir(path) and meta.exists():
-        model_id = json.loads(meta.read_text()).get("model_id", model)
-    return ADAPTERS[family](net, processor, model_id, **adapter_kwargs)
+        info = json.loads(meta.read_text())
+        model_id, style = info.get("model_id", model), info.get("answer_style", "plain")
+    adapter = ADAPTERS[family](net, processor, model_id, **adapter_kwargs)
+    if style is not None:
+        adapter.answer_style = style
+    return adapter

@@ -77,9 +77,8 @@ class InternVLAdapter(Adapter):
         assert s * s == self.processor.image_seq_length, "image_seq_length is not a square token grid"
         return s
 
-    def encode(self, images, categories) -> Encoded:
-        texts = [self.processor.apply_chat_template(self.messages(c), add_generation_prompt=True,
-                                                    tokenize=False) for c in categories]
+    def encode(self, images, categories, opening: bool = False) -> Encoded:
+        texts, opens = self._prompt_texts(categories, opening)
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True,
                                 padding_side="left")
         ip = self.processor.image_processor
@@ -106,8 +105,9 @@ class InternVLAdapter(Adapter):
                 visual_positions.append(mosaic.reshape(-1))
                 grids.append((rows * s, cols * s))
                 input_sizes.append((rows * tile, cols * tile))
-        return Encoded(inputs=self._to_device(inputs), visual_positions=visual_positions, grids=grids,
-                       input_sizes=input_sizes, orig_sizes=[(im.height, im.width) for im in images])
+        return self._with_openings(Encoded(inputs=self._to_device(inputs), visual_positions=visual_positions,
+                                           grids=grids, input_sizes=input_sizes,
+                                           orig_sizes=[(im.height, im.width) for im in images]), opens)
 
     # ---- positions ----------------------------------------------------------------------------
     def prefill_inputs(self, enc: Encoded) -> dict:

@@ -13,21 +13,24 @@ from .base import Adapter, Encoded, register
 @register("qwen2.5-vl", model_types=("qwen2_5_vl",))
 class Qwen25VLAdapter(Adapter):
     coord_system = "absolute"
+    # The released checkpoints answer in a fenced, tab-indented JSON block; the organism (and the
+    # project's tiny models) in plain JSON. Box-only decoding forces the style's opening.
+    released_style = "fenced"
 
     def box_instruction(self, category: str) -> str:
         return 'Output its bbox_2d in JSON.'
 
     def answer_text(self, box, category: str) -> str:
         x1, y1, x2, y2 = (int(round(v)) for v in box)
-        return f'[{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "{category}"}}]'
+        item = f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "{category}"}}'
+        return f"```json\n[\n\t{item}\n]\n```" if self.answer_style == "fenced" else f"[{item}]"
 
     def messages(self, category: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": self.prompt(category)}]}]
 
-    def encode(self, images, categories) -> Encoded:
-        texts = [self.processor.apply_chat_template(self.messages(c), add_generation_prompt=True,
-                                                    tokenize=False) for c in categories]
+    def encode(self, images, categories, opening: bool = False) -> Encoded:
+        texts, opens = self._prompt_texts(categories, opening)
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True,
                                 padding_side="left")
         image_token_id = self.model.config.image_token_id
@@ -41,6 +44,6 @@ class Qwen25VLAdapter(Adapter):
             visual_positions.append(pos)
             grids.append((gh, gw))
             input_sizes.append((h * patch, w * patch))
-        return Encoded(inputs=self._to_device(inputs), visual_positions=visual_positions, grids=grids,
-                       input_sizes=input_sizes,
-                       orig_sizes=[(im.height, im.width) for im in images])
+        return self._with_openings(Encoded(inputs=self._to_device(inputs), visual_positions=visual_positions,
+                                           grids=grids, input_sizes=input_sizes,
+                                           orig_sizes=[(im.height, im.width) for im in images]), opens)

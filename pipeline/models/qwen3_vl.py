@@ -20,6 +20,7 @@ from .qwen2_5_vl import Qwen25VLAdapter
 @register("qwen3-vl", model_types=("qwen3_vl", "qwen3_vl_moe"))
 class Qwen3VLAdapter(Qwen25VLAdapter):
     coord_system = "norm1000"
+    released_style = None  # always fenced (answer_text below)
 
     def box_instruction(self, category: str) -> str:
         return "Report its bbox_2d coordinates in JSON format."

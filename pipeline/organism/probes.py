@@ -27,7 +27,9 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_ob
     for b in range(0, n, 16):
         chunk = items[b:b + 16]
         enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
-        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed),
+        # Full decoding in the training probes: every evaluation of a lineage decodes the same way
+        # (box-only decoding came in mid-lineage; it gives the same greedy boxes, measured in tests).
+        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
                      [q.query_id for q, _ in chunk])
         for j, (q, area) in enumerate(chunk):
             _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
@@ -115,7 +117,8 @@ def premise_eval(adapter, variant: str = "shapes", split: str = "calib", n: int 
     buckets = np.array([str(size_bucket(a)) for _, a in items])
     out = {}
     for t in temperatures:
-        g = Grounder(adapter, GroundConfig(sampling=SamplingConfig(num_candidates=num_candidates, temperature=t)))
+        g = Grounder(adapter, GroundConfig(sampling=SamplingConfig(num_candidates=num_candidates, temperature=t,
+                                                                   decode="full")))
         res = []
         for b in range(0, len(items), 8):
             res += g.ground([q for q, _ in items[b:b + 8]])

@@ -14,6 +14,7 @@ A run directory holds:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -64,6 +65,19 @@ def _recover(ckpt: Path) -> None:
             old.rename(ckpt)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log records past the checkpoint being resumed: a run killed (or crashed) after its
+    last checkpoint logged steps it will now train again, and the card would count them twice."""
+    if not log_path.exists():
+        return
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, log_path)
 
 
 def _check_resumable(done: Recipe, now: Recipe, step: int) -> None:
@@ -155,6 +169,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
             raise ValueError(f"the checkpoint in {ckpt} is of another architecture ({saved}) than the recipe's")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(ckpt)
+        _trim_log(log_path, state["step"])
         print_fn(f"resuming at step {state['step']}")
     else:
         state = {"step": 0, "next_index": 0, "wall_s": 0.0, "stopped": None}
