@@ -134,6 +134,7 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
             full[active] = probs
         else:
             full = probs
+        # One generator per query keeps a query's samples identical whatever it is batched with.
         drawn = torch.cat([torch.multinomial(full[q * k:(q + 1) * k], 1, generator=gens[q])
                            for q in range(nq)]).squeeze(1)[active]
         nxt = torch.where(is_greedy[active], logits.argmax(-1), drawn)
