@@ -36,16 +36,16 @@ import ctypes
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from pipeline.memory import PeakMemory
 
 VARIANTS = ("sample", "capture_profile", "capture_all", "naive_eager")
 DEFAULT_IMAGE_SIZE = {"tiny": "448x448", "7b": "896x868"}  # 16x16 = 256 and 32x31 = 992 visual tokens
@@ -132,17 +132,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return None
-
-
 def _malloc_trim() -> None:
     # Give freed heap back to the OS so one variant's leftovers do not hide the next one's growth.
     try:
@@ -151,45 +140,14 @@ def _malloc_trim() -> None:
         pass
 
 
-class PeakMemory:
-    """Peak memory growth over a block: CUDA allocator stats, or RSS sampled every ~5 ms on CPU."""
-
-    def __init__(self, device: str, interval_s: float = 0.005):
-        self.device, self.interval = device, interval_s
-        self.peak_mb: float | None = None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
+def _settle(device: str) -> None:
+    """Before a measured block: free what the previous variant left, so it does not count."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    else:
         _malloc_trim()
-        self.base = _rss_bytes()
-        self.peak = self.base
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        if self.base is not None:
-            self.thread.start()
-        return self
-
-    def _poll(self):
-        while not self.stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes() or 0)
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-            return
-        if self.base is None:
-            return
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, _rss_bytes() or 0)
-        self.peak_mb = (self.peak - self.base) / 2**20
 
 
 @contextmanager
@@ -211,6 +169,7 @@ def run_variant(name: str, ctx: dict) -> dict:
     dev, enc, t = ctx["device"], ctx["enc"], ctx["T"]
     rec: dict = {}
     model = ctx["eager"].model if name == "naive_eager" else ctx["adapter"].model
+    _settle(dev)
     with PeakMemory(dev) as mem, count_forwards(model) as fwd:
         _sync(dev)
         t0 = time.perf_counter()
@@ -247,7 +206,7 @@ def run_variant(name: str, ctx: dict) -> dict:
         rec["s"] = t1 - t0
         if name == "naive_eager":
             del out
-    rec["peak_mb"] = mem.peak_mb
+    rec["peak_mb"] = mem.delta / 2**20
     rec["forwards"] = fwd[0]
     return rec
 
