@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
 
-    from pipeline.evaluate import evaluate_run
+    from pipeline.evaluate import evaluate_run, format_label_quality
     from pipeline.inputs import InputError
     from pipeline.metrics import format_table
     from pipeline.storage import Output
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap_ = result["coco_ap"]
     print(f"\nCOCO AP of the selected boxes ({ap_['selector']}, confidence as score): "
           f"AP {ap_['AP']:.3f}  AP50 {ap_['AP50']:.3f}  AP_small {ap_['AP_small']:.3f}")
+    lq = format_label_quality(result["label_quality"])
+    print(f"\nauto-label quality of the selected boxes, kept where {result['label_quality']['by']} reaches a "
+          f"threshold (precision: IoU >= 0.5 among kept; recall: correct kept over all queries):\n{lq}")
     if "regressor" in result:
         r = result["regressor"]
         print(f"regressor: Pearson r {r['pearson']:.3f}, Spearman {r['spearman']:.3f} over {r['n']} candidates; "
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
               f"query on average; {sm['queries_stopped_early']} queries stopped early (adaptive K)")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+            f.write(table + "\n\nAuto-label quality (selected boxes kept where "
+                    f"{result['label_quality']['by']} reaches a threshold):\n\n{lq}\n")
     print(f"wrote {args.run.rstrip('/')}/eval.json", file=sys.stderr)
     return 0
 

@@ -99,6 +99,58 @@ def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_op
     return boxes, cands
 
 
+LABEL_THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
+
+
+def label_quality(with_gt: pl.DataFrame, thresholds=LABEL_THRESHOLDS) -> dict:
+    """"Keep only labels I can trust": the run's selected boxes kept where their predicted IoU
+    (ACS-Learned's, else the normalised `confidence`) reaches each threshold. Per bucket: how many
+    are kept, their precision (share with true IoU >= 0.5) and recall (correct kept labels over
+    all queries of the bucket, failed ones included, so a strict filter pays in recall)."""
+    import numpy as np
+
+    from .metrics import ALL, BUCKETS, paired_iou
+
+    by = "predicted_iou" if with_gt["predicted_iou"].drop_nulls().len() else "confidence"
+    has_box = with_gt["x1"].is_not_null().to_numpy()
+    iou = np.zeros(with_gt.height)
+    if has_box.any():
+        b = with_gt.filter(pl.col("x1").is_not_null())
+        iou[has_box] = np.nan_to_num(paired_iou(b.select("x1", "y1", "x2", "y2").to_numpy().astype(float),
+                                                b.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").to_numpy().astype(float)))
+    conf = with_gt[by].fill_null(-1.0).to_numpy().astype(float)  # no box / no score: never kept
+    conf[~has_box] = -1.0
+    bucket = with_gt["size_bucket"].fill_null("").to_numpy().astype(str)
+    rows = []
+    for t in thresholds:
+        for name in (*BUCKETS, ALL):
+            m = np.ones(len(bucket), bool) if name == ALL else bucket == name
+            n = int(m.sum())
+            kept = m & (conf >= t)
+            correct = kept & (iou >= 0.5)
+            rows.append({"threshold": t, "size_bucket": name, "n": n, "kept": int(kept.sum()),
+                         "precision": float(correct.sum() / kept.sum()) if kept.any() else None,
+                         "recall": float(correct.sum() / n) if n else None})
+    return {"by": by, "rows": rows}
+
+
+def format_label_quality(lq: dict) -> str:
+    """Markdown: one row per threshold, kept / precision / recall per bucket."""
+    from .metrics import ALL, BUCKETS
+
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    cells = {(r["threshold"], r["size_bucket"]): r for r in lq["rows"]}
+    head = [f"{lq['by']} >=", *(f"{b}: kept / precision / recall" for b in (*BUCKETS, ALL))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in dict.fromkeys(r["threshold"] for r in lq["rows"]):
+        row = [f"{t:g}"]
+        for b in (*BUCKETS, ALL):
+            r = cells[(t, b)]
+            row.append(f"{r['kept']}/{r['n']} / {f(r['precision'])} / {f(r['recall'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | None = None) -> dict:
     """Everything `acs evaluate` reports; JSON-serialisable."""
     import numpy as np
@@ -156,4 +208,5 @@ def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | N
         [cat_ids[c] for c in det["category"]],
         det["confidence"].fill_null(0.0).to_numpy() if det.height else np.zeros(0))
     out["coco_ap"]["selector"] = boxes["selector"].drop_nulls()[0] if boxes.height else None
+    out["label_quality"] = label_quality(with_gt)
     return out

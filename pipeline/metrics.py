@@ -140,6 +140,46 @@ def relative_gain(method: float, greedy: float) -> float:
     return (m - g) / g
 
 
+BOOT_SAMPLES = 2000
+BOOT_SEED = 0  # fixed: the same run gives the same intervals every time it is evaluated
+
+
+def paired_bootstrap(method_iou: ArrayLike, greedy_iou: ArrayLike, thr: float = 0.5,
+                     n_boot: int = BOOT_SAMPLES, seed: int = BOOT_SEED, level: float = 0.95) -> dict[str, Any]:
+    """A selector against greedy on the same queries: percentile intervals from resampling
+    queries (both selectors' IoUs of a query move together, so query difficulty cancels).
+
+    Returns n, won / lost (queries the method hits at `thr` and greedy misses, and the reverse),
+    the Acc@thr difference with its interval (`acc_diff`, `acc_diff_ci`), the relative gain's
+    interval (`gain_ci`; None when some resample has greedy at 0, where it is unbounded), the
+    mIoU difference's interval (`miou_diff_ci`), and `verdict`: "better" / "worse" when the
+    Acc@thr interval excludes 0, else "no measurable difference".
+    """
+    m, g = _clean_ious(method_iou), _clean_ious(greedy_iou)
+    if m.shape != g.shape:
+        raise ValueError(f"paired bootstrap needs the same queries: {m.size} vs {g.size} IoUs")
+    n = int(m.size)
+    if n == 0:
+        return {"n": 0, "won": 0, "lost": 0, "acc_diff": math.nan, "acc_diff_ci": None, "gain_ci": None,
+                "miou_diff_ci": None, "verdict": "no measurable difference"}
+    hm, hg = (m >= thr).astype(np.float64), (g >= thr).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    am, ag = hm[idx].mean(1), hg[idx].mean(1)
+    dmiou = (m - g)[idx].mean(1)
+    lo_q, hi_q = 50 * (1 - level), 50 * (1 + level)
+
+    def ci(x: np.ndarray) -> list[float]:
+        return [float(np.percentile(x, lo_q)), float(np.percentile(x, hi_q))]
+
+    diff = am - ag
+    d_ci = ci(diff)
+    gain_ci = ci((am - ag) / ag) if np.all(ag > 0) else None
+    verdict = "better" if d_ci[0] > 0 else "worse" if d_ci[1] < 0 else "no measurable difference"
+    return {"n": n, "won": int(((hm == 1) & (hg == 0)).sum()), "lost": int(((hm == 0) & (hg == 1)).sum()),
+            "acc_diff": float(hm.mean() - hg.mean()), "acc_diff_ci": d_ci, "gain_ci": gain_ci,
+            "miou_diff_ci": ci(dmiou), "verdict": verdict}
+
+
 def _selector_order(names: Iterable[str]) -> list[str]:
     """greedy first, oracle last, the rest in first-seen order."""
     seen = list(dict.fromkeys(names))
@@ -156,16 +196,22 @@ def selector_table(rows: Any) -> list[dict[str, Any]]:
     (small, medium, large, all), a dict with keys selector, size_bucket, n, acc50,
     miou, gain_acc50_vs_greedy, gain_miou_vs_greedy. Gains are None when there is
     no greedy selector, NaN when greedy's number is 0 or its bucket is empty.
+
+    With a `query_id` column the gains are paired: each non-greedy row also has `vs_greedy`,
+    the `paired_bootstrap` of its queries against greedy's IoUs on the same queries (None for
+    greedy itself, or when the selector lacks some of greedy's queries).
     """
     import polars as pl
 
     df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows))
     if df.height == 0:
         return []
+    paired = "query_id" in df.columns
     df = df.select(
         pl.col("selector").cast(pl.Utf8),
         pl.col("size_bucket").cast(pl.Utf8),
         pl.col("iou").cast(pl.Float64).fill_nan(0.0).fill_null(0.0),
+        *([pl.col("query_id").cast(pl.Utf8)] if paired else []),
     )
     bad = set(df["size_bucket"].unique().to_list()) - set(BUCKETS)
     if bad:
@@ -186,13 +232,16 @@ def selector_table(rows: Any) -> list[dict[str, Any]]:
     selectors = _selector_order(df["selector"].to_list())
     has_greedy = "greedy" in selectors
     empty = {"n": 0, "acc50": math.nan, "miou": math.nan}
+    vs_greedy = _paired_vs_greedy(df, selectors) if paired and has_greedy else {}
     out = []
     for sel in selectors:
         for bucket in (*BUCKETS, ALL):
             r = found.get((sel, bucket), empty)
             g = found.get(("greedy", bucket), empty)
+            extra = {"vs_greedy": vs_greedy.get((sel, bucket))} if paired else {}
             out.append(
                 {
+                    **extra,
                     "selector": sel,
                     "size_bucket": bucket,
                     "n": int(r["n"]),
@@ -205,6 +254,38 @@ def selector_table(rows: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _paired_vs_greedy(df: Any, selectors: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    import polars as pl
+
+    g = df.filter(pl.col("selector") == "greedy").select("query_id", "size_bucket", pl.col("iou").alias("g"))
+    out = {}
+    for sel in selectors:
+        if sel == "greedy":
+            continue
+        j = g.join(df.filter(pl.col("selector") == sel).select("query_id", "iou"), on="query_id", how="left")
+        if j["iou"].null_count():
+            continue  # not the same queries: a paired interval would mean nothing
+        for bucket in (*BUCKETS, ALL):
+            b = j if bucket == ALL else j.filter(pl.col("size_bucket") == bucket)
+            if b.height:
+                out[(sel, bucket)] = paired_bootstrap(b["iou"].to_numpy(), b["g"].to_numpy())
+    return out
+
+
+def gain_text(r: Mapping[str, Any]) -> str:
+    """A table cell: the relative Acc@0.5 gain with its paired 95% interval and queries won / lost,
+    or "no measurable difference" where the interval of the difference crosses zero."""
+    gain, vs = r.get("gain_acc50_vs_greedy"), r.get("vs_greedy")
+    if r.get("selector") == "greedy" or vs is None:
+        return _fmt(gain, "+.1%")
+    won_lost = f"{vs['won']}/{vs['lost']}"
+    if vs["verdict"] == "no measurable difference":
+        return f"no measurable difference ({_fmt(gain, '+.1%')}, {won_lost})"
+    ci = vs["gain_ci"]
+    interval = f"[{ci[0]:+.0%}, {ci[1]:+.0%}]" if ci else f"[{vs['acc_diff_ci'][0]:+.3f}, {vs['acc_diff_ci'][1]:+.3f} abs]"
+    return f"{_fmt(gain, '+.1%')} {interval}, {won_lost}"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or math.isnan(x) else format(x, spec)
 
@@ -213,19 +294,22 @@ def format_table(table_rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown pipe table of `selector_table` output, padded to fixed width.
 
     One row per selector (greedy first, oracle last); one "Acc@0.5 / mIoU" column
-    per bucket and for all, then the relative small-object Acc@0.5 gain vs greedy.
-    Missing numbers print as "-".
+    per bucket and for all, then the relative Acc@0.5 gains vs greedy on small objects and on
+    all (`gain_text`: with their paired intervals where the rows had query ids). Missing
+    numbers print as "-".
     """
     cells = {(r["selector"], r["size_bucket"]): r for r in table_rows}
-    header = ["selector", *(f"{b} Acc@0.5 / mIoU" for b in (*BUCKETS, ALL)), "small Acc@0.5 gain vs greedy"]
+    header = ["selector", *(f"{b} Acc@0.5 / mIoU" for b in (*BUCKETS, ALL)), "small Acc@0.5 gain vs greedy",
+              "all Acc@0.5 gain vs greedy"]
     body = []
     for sel in _selector_order(r["selector"] for r in table_rows):
         line = [sel]
         for b in (*BUCKETS, ALL):
             r = cells.get((sel, b))
             line.append("-" if r is None else f"{_fmt(r['acc50'], '.3f')} / {_fmt(r['miou'], '.3f')}")
-        small = cells.get((sel, "small"))
-        line.append(_fmt(None if small is None else small.get("gain_acc50_vs_greedy"), "+.1%"))
+        for b in ("small", ALL):
+            c = cells.get((sel, b))
+            line.append("-" if c is None else gain_text(c))
         body.append(line)
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 

@@ -524,7 +524,7 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bot
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
 td.sel,th.sel{text-align:left}tr.oracle td{color:#777;font-style:italic}
-td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c62828}
+td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c62828}.ns{color:#888}td small{display:block;font-size:10px;color:#666;white-space:nowrap}
 .meta td,.meta th{text-align:left}.tag{font-size:11px;background:#eef;border-radius:3px;padding:0 4px}
 .plots{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .plot{border:1px solid #eee;padding:8px}.plot h3{font-size:14px;margin:0 0 6px}
@@ -543,11 +543,25 @@ vertical-align:middle;margin-right:4px;border-top:3px solid}
 """
 
 
-def _gain_html(g) -> str:
+def _gain_html(g, vs: dict | None = None, metric: str = "acc50") -> str:
+    """The relative gain; under it, from the paired bootstrap (`vs`), its 95% interval and the
+    queries won / lost, or "no measurable difference" where the interval of the difference
+    crosses zero (then the number is greyed: it is not evidence either way)."""
     if not _finite(g):
         return "–"
-    cls = "pos" if g > 0 else "neg" if g < 0 else ""
-    return f'<span class="{cls}">{g:+.1%}</span>'
+    if vs is None:
+        cls = "pos" if g > 0 else "neg" if g < 0 else ""
+        return f'<span class="{cls}">{g:+.1%}</span>'
+    ci = vs["acc_diff_ci"] if metric == "acc50" else vs["miou_diff_ci"]
+    if ci is None or ci[0] <= 0 <= ci[1]:
+        return f'<span class="ns">{g:+.1%}</span><small>no measurable difference</small>'
+    cls = "pos" if ci[0] > 0 else "neg"
+    if metric == "acc50" and vs.get("gain_ci"):
+        interval = f"[{vs['gain_ci'][0]:+.0%}, {vs['gain_ci'][1]:+.0%}]"
+    else:
+        interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    won = f" &middot; {vs['won']}/{vs['lost']}" if metric == "acc50" else ""
+    return f'<span class="{cls}">{g:+.1%}</span><small>{interval}{won}</small>'
 
 
 def table_html(table: list[dict], run_selectors: set[str]) -> str:
@@ -577,7 +591,7 @@ def table_html(table: list[dict], run_selectors: set[str]) -> str:
                 continue
             for metric, gain in (("acc50", "gain_acc50_vs_greedy"), ("miou", "gain_miou_vs_greedy")):
                 cls = ' class="best"' if s in best.get((b, metric), set()) else ""
-                g = "baseline" if s == "greedy" else _gain_html(r.get(gain))
+                g = "baseline" if s == "greedy" else _gain_html(r.get(gain), r.get("vs_greedy"), metric)
                 out.append(f"<td{cls}>{_num(r[metric])}</td><td>{g}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
@@ -618,7 +632,10 @@ greedy answer) and one <em>selector</em> picked one of them. The table re-scores
 selector stored in <code>candidates/</code>: Acc@0.5 is the share of queries whose chosen box overlaps
 the ground truth with IoU &ge; 0.5, mIoU the mean IoU (queries without a box count as 0), and
 <em>gain</em> is the relative change against greedy in the same size bucket (COCO buckets: small
-&lt; 32&sup2; px, medium &lt; 96&sup2; px, large otherwise). Green cells are the best non-oracle
+&lt; 32&sup2; px, medium &lt; 96&sup2; px, large otherwise). Under each gain: its 95% interval from a
+paired bootstrap over queries (2,000 resamples of the same queries for both selectors) and, for
+Acc@0.5, the queries won / lost against greedy; a gain whose interval of the difference crosses
+zero is greyed and marked <em>no measurable difference</em>. Green cells are the best non-oracle
 selector per bucket; <em>oracle</em> picks the candidate with the highest true IoU and is the ceiling
 any selector could reach with these candidates.</p>
 <p>The reliability diagram compares ACS-Learned's predicted IoU with the observed IoU per bin of
@@ -657,6 +674,16 @@ def _header_html(boxes: pl.DataFrame, cands: pl.DataFrame, ev: dict, url: str, h
         rows.append(("COCO AP of the selected boxes",
                      f"AP {_num(ap.get('AP'))}, AP50 {_num(ap.get('AP50'))}, AP_small {_num(ap.get('AP_small'))} "
                      "(confidence as score)"))
+    lq = ev.get("label_quality")
+    if lq:
+        cells = {(r["threshold"], r["size_bucket"]): r for r in lq["rows"]}
+        parts = []
+        for t in dict.fromkeys(r["threshold"] for r in lq["rows"]):
+            a, sm = cells[(t, "all")], cells[(t, "small")]
+            parts.append(f"&ge; {t:g}: kept {a['kept']}/{a['n']}, precision {_num(a['precision'])}, recall "
+                         f"{_num(a['recall'])} (small: {sm['kept']}/{sm['n']}, {_num(sm['precision'])}, "
+                         f"{_num(sm['recall'])})")
+        rows.append((f"labels kept by {_t(lq['by'])}", "<br>".join(parts)))
     nb = ev.get("no_box_share")
     if nb:
         rows.append(("no-box share", f"greedy {_num(nb.get('greedy'))}, sampled {_num(nb.get('sampled'))}"))

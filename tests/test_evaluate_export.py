@@ -51,6 +51,18 @@ def test_evaluate_run_numbers(run):
     assert all(m is None for m, c in zip(rel["mean_pred"], rel["count"]) if c == 0)
     assert 0.0 <= res["coco_ap"]["AP"] <= 1.0
     assert res["queries"] == len(QUERIES) and res["queries_with_gt"] == len(QUERIES) - 1
+    # Paired against greedy: ACS-Free wins q-help on small objects and loses none.
+    vs = table[("acs-free", "small")]["vs_greedy"]
+    assert (vs["n"], vs["won"], vs["lost"]) == (3, 1, 0)
+    assert vs["acc_diff"] == pytest.approx(1 / 3) and vs["acc_diff_ci"][0] <= 1 / 3 <= vs["acc_diff_ci"][1]
+    # Auto-label quality: every selected box has confidence 0.5 (no regressor on boxes/). Of the 5
+    # ground-truth queries 4 have a box and 3 of those are right (q-hurt's is not).
+    lq = res["label_quality"]
+    assert lq["by"] == "confidence"
+    cell = {(r["threshold"], r["size_bucket"]): r for r in lq["rows"]}
+    assert (cell[0.3, "all"]["kept"], cell[0.3, "all"]["n"]) == (4, 5)
+    assert cell[0.3, "all"]["precision"] == pytest.approx(3 / 4) and cell[0.3, "all"]["recall"] == pytest.approx(3 / 5)
+    assert cell[0.7, "all"]["kept"] == 0 and cell[0.7, "all"]["precision"] is None and cell[0.7, "all"]["recall"] == 0.0
     # No candidate was skipped (full N): every sampled candidate counts, no query stopped early.
     cands = pl.read_parquet(f"{run}/candidates/*.parquet")
     k = cands.filter(pl.col("cand_idx") > 0).group_by("query_id").len()["len"]

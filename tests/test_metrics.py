@@ -168,8 +168,71 @@ def test_format_table():
     assert "small Acc@0.5 / mIoU" in lines[0] and "all Acc@0.5 / mIoU" in lines[0]
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["greedy", "acs", "oracle"]
     acs = [c.strip() for c in lines[3].split("|")[1:-1]]
-    assert acs == ["acs", "0.750 / 0.525", "- / -", "0.000 / 0.400", "0.600 / 0.500", "+50.0%"]
+    assert acs == ["acs", "0.750 / 0.525", "- / -", "0.000 / 0.400", "0.600 / 0.500", "+50.0%", "+0.0%"]
     assert lines[2].split("|")[-2].strip() == "+0.0%"
+
+
+# ------------------------------------------------------------ paired bootstrap
+
+
+def test_paired_bootstrap_identical_selectors_show_no_difference():
+    x = np.linspace(0, 1, 50)
+    r = M.paired_bootstrap(x, x)
+    assert r["n"] == 50 and r["won"] == 0 and r["lost"] == 0 and r["acc_diff"] == 0.0
+    assert r["acc_diff_ci"] == [0.0, 0.0] and r["miou_diff_ci"] == [0.0, 0.0]
+    assert r["verdict"] == "no measurable difference"
+
+
+def test_paired_bootstrap_clear_gain_and_symmetry():
+    rng = np.random.default_rng(3)
+    g = np.where(rng.random(300) < 0.3, 0.8, 0.1)
+    m = g.copy()
+    flip = rng.choice(np.flatnonzero(g < 0.5), 60, replace=False)
+    m[flip] = 0.9  # 60 queries won, none lost
+    r = M.paired_bootstrap(m, g)
+    assert r["won"] == 60 and r["lost"] == 0 and r["acc_diff"] == pytest.approx(60 / 300)
+    assert r["verdict"] == "better" and 0 < r["acc_diff_ci"][0] < 0.2 < r["acc_diff_ci"][1]
+    base = (g >= 0.5).mean()
+    assert r["gain_ci"][0] < 0.2 / base < r["gain_ci"][1]
+    # Only discordant queries move the difference: its spread matches the analytic one.
+    sd = math.sqrt((60 / 300 - (60 / 300) ** 2) / 300)
+    assert r["acc_diff_ci"][1] - r["acc_diff_ci"][0] == pytest.approx(2 * 1.96 * sd, rel=0.15)
+    back = M.paired_bootstrap(g, m)  # the same resamples, mirrored
+    assert back["won"] == 0 and back["lost"] == 60 and back["verdict"] == "worse"
+    assert back["acc_diff_ci"] == pytest.approx([-r["acc_diff_ci"][1], -r["acc_diff_ci"][0]])
+
+
+def test_paired_bootstrap_greedy_at_zero_has_no_relative_interval():
+    r = M.paired_bootstrap([0.9, 0.9, 0.1, 0.1], [0.0, 0.1, 0.2, 0.3])
+    assert r["gain_ci"] is None and r["won"] == 2
+    with pytest.raises(ValueError):
+        M.paired_bootstrap([0.5, 0.5], [0.5])
+
+
+def test_selector_table_pairs_by_query_and_formats_the_verdict():
+    rng = np.random.default_rng(0)
+    n = 240
+    g = rng.random(n)
+    win = np.where(g < 0.5, 0.95, g)  # every greedy miss becomes a hit
+    same = g[::-1].copy()  # a reshuffle: about greedy's accuracy, unrelated per query
+    rows = [{"query_id": f"q{i}", "selector": s, "size_bucket": ("small", "medium", "large")[i % 3], "iou": float(v[i])}
+            for s, v in (("greedy", g), ("win", win), ("same", same)) for i in range(n)]
+    t = {(r["selector"], r["size_bucket"]): r for r in M.selector_table(rows)}
+    assert t["greedy", "small"]["vs_greedy"] is None
+    w = t["win", "all"]["vs_greedy"]
+    assert w["verdict"] == "better" and w["lost"] == 0 and w["won"] == int((g < 0.5).sum())
+    assert t["win", "small"]["vs_greedy"]["n"] == n // 3
+    text = M.format_table(list(t.values()))
+    win_line = next(line for line in text.splitlines() if line.startswith("| win"))
+    assert f"{w['won']}/0" in win_line and "no measurable" not in win_line
+    ci = w["gain_ci"]
+    assert f"[{ci[0]:+.0%}, {ci[1]:+.0%}]" in win_line
+    if t["same", "small"]["vs_greedy"]["verdict"] == "no measurable difference":
+        same_line = next(line for line in text.splitlines() if line.startswith("| same"))
+        assert "no measurable difference" in same_line
+    # A selector missing some of greedy's queries is not paired.
+    part = [r for r in rows if not (r["selector"] == "win" and r["query_id"] == "q0")]
+    assert {(r["selector"], r["size_bucket"]): r for r in M.selector_table(part)}["win", "all"]["vs_greedy"] is None
 
 
 # ------------------------------------------------------------------ COCO AP

@@ -27,6 +27,7 @@ from .model import OrganismConfig, build_organism, save_checkpoint, set_input_si
 from .probes import _content, greedy_eval, image_dependence, premise_eval
 from .recipe import Recipe, choose_temperature, recipe_from_dict, same_settings, shared_prefix
 
+REWARM_STEPS = 20  # learning-rate ramp after --init-from (fresh optimizer moments)
 LOG_EVERY = 20
 
 
@@ -121,7 +122,8 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     `max_minutes` of wall time have passed or at `until_step` (a side-by-side variant run; rerun
     to resume), and early when `recipe.stop` is met. `init_from` continues a new `out` from an
     exported checkpoint (the shipped organism: weights, step and log, but not the optimizer, which
-    is not shipped: the moments start afresh, the one departure from an uninterrupted run)."""
+    is not shipped: the moments start afresh, so the learning rate ramps up again over
+    `REWARM_STEPS`; the one departure from an uninterrupted run)."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from ..models.qwen2_5_vl import Qwen25VLAdapter
@@ -153,7 +155,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(src)
         state = {"step": int(meta0["steps"]), "next_index": int(meta0["next_index"]),
-                 "wall_s": float(meta0["wall_s"]), "stopped": None}
+                 "wall_s": float(meta0["wall_s"]), "stopped": None, "rewarm_from": int(meta0["steps"])}
         if (src / "train_log.jsonl").exists() and not log_path.exists():
             shutil.copy(src / "train_log.jsonl", log_path)
         log({"step": state["step"], "init_from": str(src), "note": "fresh optimizer moments"})
@@ -250,6 +252,10 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
             for p in visual:
                 p.requires_grad_(phase.train_vision)
         lr = phase.lr_at(k)
+        if "rewarm_from" in state:
+            # Fresh Adam moments make the first updates sign-like (about lr per weight, whatever
+            # the gradient's scale); a short ramp keeps that from jolting trained weights.
+            lr *= min(1.0, (step - state["rewarm_from"] + 1) / REWARM_STEPS)
         for g in opt.param_groups:
             g["lr"] = (lr * phase.vision_lr_scale if phase.train_vision else 0.0) if g["vision"] \
                 else lr * phase.text_lr_scale
