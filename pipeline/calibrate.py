@@ -4,6 +4,11 @@ Entropy method (ours, METHOD.md): rank every (layer, head) by the mean within-qu
 correlation between its attention entropy (negated: lower entropy should mean higher IoU) and the
 candidates' IoU; keep the top k. Saliency method (the paper's): rank heads by the mean absolute
 input gradient of the trained regressor's prediction with respect to each head's maps.
+
+Localization heads (the loc-heads baseline, Kang et al. CVPR 2025): no labels are used. Per query,
+the heads whose attention from the prompt's last token puts the most mass on the image (those
+above the elbow of the sorted masses) are eligible; the `per_query` of them with the lowest spatial
+entropy each get a vote; the k most voted heads over the run are the localization heads.
 """
 
 from __future__ import annotations
@@ -73,6 +78,59 @@ def calibrate(url: str, model_id: str, k: int = 8, storage_options: dict | None 
             "spearman_by_head": np.round(rho, 4).tolist(), "layers": layers, "heads": heads,
             "layer_curves": layer_curves(frame, ent)}
     return HeadProfile(model_id, top, "entropy-spearman", meta), meta
+
+
+def elbow(values: np.ndarray) -> int:
+    """How many values of a descending curve lie above its elbow. The elbow is the point farthest
+    below the chord joining the curve's ends (both axes scaled to [0, 1]): the first of the low
+    values. At least 1; all of them for a flat curve or one too short to bend."""
+    v = np.asarray(values, np.float64)
+    if v.size < 3 or v[0] == v[-1]:
+        return v.size
+    x = np.linspace(0, 1, v.size)
+    y = (v - v[-1]) / (v[0] - v[-1])
+    return max(1, int(np.argmax(1 - x - y)))  # distance to the chord y = 1 - x, up to a constant factor
+
+
+def select_loc_heads(mass: np.ndarray, sent: np.ndarray, k: int = 3, per_query: int = 10) -> tuple[list, np.ndarray]:
+    """mass, sent: (Q, L, H) image mass and spatial entropy of the prompt's last token per query.
+    Returns the k most voted (layer, head) pairs (ties: lower mean spatial entropy) and the votes (L, H)."""
+    q, nl, nh = mass.shape
+    votes = np.zeros(nl * nh)
+    for i in range(q):
+        m, e = mass[i].ravel(), sent[i].ravel()
+        order = np.argsort(-m)
+        eligible = order[: elbow(m[order])]
+        votes[eligible[np.argsort(e[eligible], kind="stable")[:per_query]]] += 1
+    mean_e = sent.reshape(q, -1).mean(0)
+    ranked = np.lexsort((mean_e, -votes))
+    top = [(int(j // nh), int(j % nh)) for j in ranked[:k] if votes[j] > 0]
+    return top, votes.reshape(nl, nh)
+
+
+def prompt_stats(url: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Per query of a run: the prompt's last token's image mass and spatial entropy, (Q, L, H) each."""
+    attn = read_table(url, "attention", storage_options,
+                      columns=["query_id", "cand_idx", "layers", "heads", "prompt_mass", "prompt_spatial_entropy"])
+    if attn.height == 0 or "prompt_mass" not in attn.columns:
+        raise ValueError(f"{url}: no prompt attention in attention/ (label with --capture all)")
+    rows = attn.filter(pl.col("prompt_mass").is_not_null())
+    if rows.height == 0:
+        raise ValueError(f"{url}: no prompt attention in attention/ (label with --capture all)")
+    layers, heads = rows["layers"][0].to_list(), rows["heads"][0].to_list()
+    shape = (rows.height, len(layers), len(heads))
+    mass = np.stack(rows["prompt_mass"].to_numpy()).reshape(shape)
+    sent = np.stack(rows["prompt_spatial_entropy"].to_numpy()).reshape(shape)
+    return mass, sent, layers, heads
+
+
+def loc_heads(url: str, k: int = 3, storage_options: dict | None = None) -> tuple[list, dict]:
+    mass, sent, layers, heads = prompt_stats(url, storage_options)
+    top, votes = select_loc_heads(mass, sent, k)
+    pairs = [(int(layers[l]), int(heads[h])) for l, h in top]
+    return pairs, {"k": k, "queries": int(mass.shape[0]), "votes_by_head": votes.astype(int).tolist(),
+                   "mean_mass_by_head": mass.mean(0).round(4).tolist(),
+                   "mean_spatial_entropy_by_head": sent.mean(0).round(4).tolist()}
 
 
 def saliency_profile(url: str, regressor_dir: str, model_id: str, k: int = 8,

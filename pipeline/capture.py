@@ -31,6 +31,11 @@ class CaptureRequest:
     vis_pos: torch.Tensor  # (B, V) key positions of visual tokens (padded)
     vis_valid: torch.Tensor  # (B, V) bool
     out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, R, H_sel, V) float32
+    # With key_valid (B, K): the keys each row may attend to besides causality (the padding mask),
+    # and then `mass` gets, per layer, the share of each row's attention that lands on the visual
+    # tokens before renormalising (B, R, H_sel): what the localization-heads baseline ranks heads by.
+    key_valid: torch.Tensor | None = None
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[CaptureRequest | None] = contextvars.ContextVar("acs_capture", default=None)
@@ -42,7 +47,9 @@ def capture_attention_forward(module, query, key, value, attention_mask, **kwarg
     req = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if req is not None and layer in req.layers:
-        req.out[layer] = _rows_over_visual(req, query, key, kwargs.get("scaling") or module.scaling)
+        req.out[layer], mass = _rows_over_visual(req, query, key, kwargs.get("scaling") or module.scaling)
+        if mass is not None:
+            req.mass[layer] = mass
     return out
 
 
@@ -58,7 +65,17 @@ def _rows_over_visual(req: CaptureRequest, query: torch.Tensor, key: torch.Tenso
     k = k[:, heads // (h // kvh)]  # grouped-query attention: head j reads KV head j // groups
     scores = torch.einsum("brhd,bhvd->brhv", q.float(), k.float()) * scaling  # (B, R, Hs, V)
     scores = scores.masked_fill(~req.vis_valid[:, None, None, :], float("-inf"))
-    return scores.softmax(-1)
+    mass = None
+    if req.key_valid is not None:
+        # The same rows against every key they can see: log of the full softmax's normaliser.
+        k_all = key[:, heads // (h // kvh)]  # (B, Hs, K, d)
+        full = torch.einsum("brhd,bhkd->brhk", q.float(), k_all.float()) * scaling  # (B, R, Hs, K)
+        n_keys, q_len = key.shape[2], query.shape[2]
+        causal = torch.arange(n_keys, device=key.device)[None, None, :] <= (n_keys - q_len + req.rows)[:, :, None]
+        seen = causal & req.key_valid[:, None, :].bool()  # (B, R, K)
+        full = full.masked_fill(~seen[:, :, None, :], float("-inf"))
+        mass = (scores.logsumexp(-1) - full.logsumexp(-1)).exp()
+    return scores.softmax(-1), mass
 
 
 class capturing:

@@ -4,6 +4,10 @@
     -> capture coordinate-token attention (sampling.capture_rows) -> reduce maps to entropy,
     pooled grid and in-box mass -> score with every selector (scoring) -> QueryResult
 
+With `capture="all"` the capture also reads the prompt's last token (input row 0 of each query's
+first row: the step that generates the answer's first token), with the share of its attention on
+the image: the localization-heads baseline and its calibration read that, not the candidates.
+
 Plain Python and torch, no Ray: the Ray stage wraps `Grounder.ground` and `acs ground` calls it
 directly. Per-query failures become a status and an error on that query, never an exception.
 """
@@ -20,8 +24,9 @@ from .capture import entropy
 from .metrics import box_iou
 from .models.base import Adapter
 from .sampling import SamplingConfig, capture_rows, query_seed, sample
-from .scoring import (HeadProfile, QueryArrays, middle_band, score_acs_free, score_greedy,
-                      score_logprob, score_loc_mass, score_oracle, score_random, score_vote, select)
+from .scoring import (HeadProfile, QueryArrays, middle_band, score_acs_free, score_greedy, score_loc_heads,
+                      score_logprob, score_loc_mass, score_oracle, score_random, score_vote, select,
+                      spatial_entropy)
 
 CAPTURE_MODES = ("all", "profile", "none")
 
@@ -74,6 +79,10 @@ class QueryResult:
     layers: list[int] = field(default_factory=list)
     heads: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # The prompt's last token, per captured (layer, head): visual share of its attention and the
+    # spatial entropy of its map (capture "all" only; the loc-heads calibration reads them).
+    prompt_mass: np.ndarray | None = None
+    prompt_spatial_entropy: np.ndarray | None = None
 
 
 class Grounder:
@@ -117,11 +126,11 @@ class Grounder:
             # Round 1: greedy + m samples. Queries whose candidates already agree stop there (large,
             # easy objects); the others get the remaining N - m samples in round 2.
             first = replace(cfg.sampling, num_candidates=cfg.adaptive_first)
-            cands, maps, tokens, enc = self._round(queries, first, True, "", timing)
+            cands, maps, tokens, enc, prompts = self._round(queries, first, True, "", timing)
             todo = [i for i, cs in enumerate(cands) if not _agree(cs, cfg.adaptive_iou)]
             if todo:
                 rest = replace(cfg.sampling, num_candidates=n - cfg.adaptive_first)
-                c2, m2, t2, _ = self._round([queries[i] for i in todo], rest, False, "#round2", timing,
+                c2, m2, t2, _, _ = self._round([queries[i] for i in todo], rest, False, "#round2", timing,
                                             first_idx=cfg.adaptive_first + 1)
                 for j, i in enumerate(todo):
                     cands[i] += c2[j]
@@ -133,9 +142,9 @@ class Grounder:
                                         None, False, float("nan"), 0))
                     maps[i].append(None)
         else:
-            cands, maps, tokens, enc = self._round(queries, cfg.sampling, True, "", timing)
+            cands, maps, tokens, enc, prompts = self._round(queries, cfg.sampling, True, "", timing)
         t3 = time.perf_counter()
-        results = [self._query_result(q, cands[qi], maps[qi], enc.grids[qi], enc.orig_sizes[qi])
+        results = [self._query_result(q, cands[qi], maps[qi], enc.grids[qi], enc.orig_sizes[qi], prompts[qi])
                    for qi, q in enumerate(queries)]
         timing["score_s"] = time.perf_counter() - t3
         for res, toks in zip(results, tokens):
@@ -144,7 +153,8 @@ class Grounder:
         return results
 
     def _round(self, queries, sampling: SamplingConfig, greedy: bool, salt: str, timing: dict, first_idx: int = 0):
-        """Sample, parse and capture one round; per query: candidates, full maps, generated tokens."""
+        """Sample, parse and capture one round; per query: candidates, full maps, generated tokens,
+        and (capture "all", first round) the prompt's last token: (maps (L, H, gh, gw), mass (L, H))."""
         ad = self.adapter
         t0 = time.perf_counter()
         enc = ad.encode([q.image for q in queries], [q.category for q in queries], opening=sampling.decode == "box")
@@ -158,38 +168,49 @@ class Grounder:
         wanted = [sorted({i for span in p.coord_tokens for i in span}) if p.box is not None else []
                   for _, p in parsed]
         maps = [None] * len(parsed)
+        prompt = greedy and self.cfg.capture == "all"
+        # Row 0 of the capture input is the prompt's last token; the first row of each query reads it
+        # (in box mode it is also x1's first token, so this costs nothing there).
+        captured = [sorted({0, *w}) if prompt and r % k == 0 else w for r, w in enumerate(wanted)]
+        masses = [None] * len(parsed)
         if self.layers:
             head_idx = torch.tensor(self.heads, device=ad.model.device)
-            maps = capture_rows(ad, enc, gen, wanted, self.layers, head_idx)
+            if prompt:
+                maps, masses = capture_rows(ad, enc, gen, captured, self.layers, head_idx, with_mass=True)
+            else:
+                maps = capture_rows(ad, enc, gen, captured, self.layers, head_idx)
         t3 = time.perf_counter()
         timing["encode_s"] += t1 - t0
         timing["sample_s"] += t2 - t1
         timing["capture_s"] += t3 - t2
-        out_c, out_m, out_t = [], [], []
+        out_c, out_m, out_t, out_p = [], [], [], []
         for qi in range(len(queries)):
             gh, gw = enc.grids[qi]
+            r0 = qi * k
+            out_p.append((maps[r0][0].reshape(len(self.layers), len(self.heads), gh, gw).numpy(),
+                          masses[r0][0].numpy()) if prompt and maps[r0] is not None else None)
             cs, ms = [], []
             for c in range(k):
                 r = qi * k + c
                 cand, m = self._candidate(first_idx + c, parsed[r], gen.tokens[r], gen.logprobs[r], wanted[r],
-                                          maps[r], gh, gw)
+                                          captured[r], maps[r], gh, gw)
                 cs.append(cand)
                 ms.append(m)
             out_c.append(cs)
             out_m.append(ms)
             out_t.append(sum(gen.decoded[qi * k:(qi + 1) * k]))
-        return out_c, out_m, out_t, enc
+        return out_c, out_m, out_t, enc, out_p
 
-    def _candidate(self, idx, parsed, tokens, logprobs, wanted, rows, gh, gw):
+    def _candidate(self, idx, parsed, tokens, logprobs, wanted, captured, rows, gh, gw):
         text, p = parsed
         coord_lp = [logprobs[i] for i in wanted if i < len(logprobs)]
         cand = Candidate(cand_idx=idx, text=text, status="ok" if p.box is not None else "no_box", error=p.error,
                          box=p.box, box_fixed=p.box_fixed,
                          mean_logprob=float(np.mean(coord_lp)) if coord_lp else float("nan"), n_tokens=len(tokens))
-        if rows is None:
+        if rows is None or p.box is None:
             return cand, None
         # Rows -> the 4 coordinates: a coordinate spelled by several tokens averages them.
-        pos = {tok: j for j, tok in enumerate(wanted)}
+        pos = {tok: j for j, tok in enumerate(captured)}
         m = torch.stack([rows[[pos[t] for t in span]].mean(0) for span in p.coord_tokens])
         m = m.reshape(4, len(self.layers), len(self.heads), gh, gw)  # (4, L, H, gh, gw)
         cand.entropy = entropy(m.flatten(-2)).numpy()
@@ -200,7 +221,8 @@ class Grounder:
         return cand, m
 
     # ---- per query ------------------------------------------------------------------------------
-    def _query_result(self, q: Query, cands: list[Candidate], full_maps: list, grid_hw, orig_hw) -> QueryResult:
+    def _query_result(self, q: Query, cands: list[Candidate], full_maps: list, grid_hw, orig_hw,
+                      prompt: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
         k = len(cands)
         gh, gw = grid_hw
         oh, ow = orig_hw
@@ -221,6 +243,11 @@ class Grounder:
                 scores["loc-mass"] = self._loc_mass(full_maps, boxes, (gh, gw), (oh, ow), arrays)
             if self.regressor is not None:
                 scores["acs-learned"] = self._learned(cands, arrays.valid)
+        if prompt is not None and self.profile.loc_heads:
+            grid_boxes = boxes * np.array([gw / ow, gh / oh, gw / ow, gh / oh])
+            scores["loc-heads"] = score_loc_heads(
+                QueryArrays(boxes=boxes, mean_logprob=arrays.mean_logprob, grid_boxes=grid_boxes,
+                            prompt_maps=prompt[0]), self.profile.loc_heads)
         if q.gt is not None:
             scores["oracle"] = score_oracle(arrays)
             ious = box_iou(boxes, arrays.gt[None])[:, 0]
@@ -234,7 +261,9 @@ class Grounder:
         status, error = ("ok", None) if n_ok else ("no_box", f"none of the {k} candidates contained a box")
         return QueryResult(query_id=q.query_id, status=status, error=error, candidates=cands,
                            selected=selected, grid_hw=(gh, gw), layers=list(self.layers),
-                           heads=list(self.heads))
+                           heads=list(self.heads),
+                           prompt_mass=prompt[1] if prompt is not None else None,
+                           prompt_spatial_entropy=spatial_entropy(prompt[0]) if prompt is not None else None)
 
     def _acs_free(self, ent: np.ndarray, arrays: QueryArrays) -> np.ndarray:
         # Entropy was captured for self.layers x self.heads; index the profile's pairs in it.

@@ -336,9 +336,18 @@ def resolve_selector(cfg: LabelConfig, regressor: str | None) -> str:
         raise ValueError(f"unknown selector {cfg.selector!r}; choose from {', '.join(SELECTORS)}")
     if cfg.selector == "acs-learned" and not regressor:
         raise ValueError("--selector acs-learned needs a regressor (--regressor DIR); none ships for this model")
-    if cfg.selector == "loc-mass" and cfg.capture != "all":
-        raise ValueError("--selector loc-mass needs --capture all")
+    if cfg.selector in ("loc-mass", "loc-heads") and cfg.capture != "all":
+        raise ValueError(f"--selector {cfg.selector} needs --capture all")
     return cfg.selector
+
+
+def check_loc_heads(selector: str, profile: str | None) -> None:
+    """--selector loc-heads needs a profile that names localization heads (`acs calibrate` adds them)."""
+    from .scoring import HeadProfile
+
+    if selector == "loc-heads" and not (profile and HeadProfile.load(profile).loc_heads):
+        raise ValueError("--selector loc-heads needs a head profile with 'loc_heads' (from `acs calibrate` on a "
+                         "run made with --capture all); pass --profile PATH")
 
 
 def _auto_threads(actors: int) -> int:
@@ -370,6 +379,7 @@ def run_label(cfg: LabelConfig) -> dict:
     cfg.run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     profile, regressor = default_paths(cfg.model, cfg.profile, cfg.regressor)
     selector = resolve_selector(cfg, regressor)
+    check_loc_heads(selector, profile)
     out = Output(cfg.output, cfg.storage_options, retries=cfg.io_retries, backoff=cfg.io_backoff)
     queries, source_key = _list(cfg)
     expected = Counter(q["shard_id"] for q in queries)

@@ -37,7 +37,7 @@ def confidence(selector: str, result: QueryResult, idx: int) -> float | None:
     if selector == "acs-free" and cand.entropy is not None and result.grid_hw:
         # mean entropy relative to the uniform map's: 1 = all mass on one cell, 0 = uniform
         return _clip(1.0 + s / math.log(max(2, result.grid_hw[0] * result.grid_hw[1])))
-    if selector == "loc-mass":
+    if selector in ("loc-mass", "loc-heads"):  # an attention share / an IoU: already in [0, 1]
         return _clip(s)
     if selector == "oracle":
         return _clip(s)
@@ -95,7 +95,11 @@ def rows_for_query(meta: dict, result: QueryResult | None, *, selector: str, k: 
         if c.entropy is not None:
             row = {"query_id": meta["query_id"], "cand_idx": c.cand_idx, "grid_h": result.grid_hw[0],
                    "grid_w": result.grid_hw[1], "layers": result.layers, "heads": result.heads,
-                   "entropy": np.asarray(c.entropy, dtype=np.float32).ravel().tolist(), **base}
+                   "entropy": np.asarray(c.entropy, dtype=np.float32).ravel().tolist(),
+                   "prompt_mass": None, "prompt_spatial_entropy": None, **base}
+            if not attn_rows and result.prompt_mass is not None:  # per query: on its first row only
+                row["prompt_mass"] = np.asarray(result.prompt_mass, np.float32).ravel().tolist()
+                row["prompt_spatial_entropy"] = np.asarray(result.prompt_spatial_entropy, np.float32).ravel().tolist()
             if dump_maps:
                 pooled = c.pooled
                 row["map_grid"] = None if pooled is None else int(pooled.shape[-1])

@@ -45,7 +45,7 @@ GT_RGB = (30, 144, 255)
 
 SELECTOR_COLOURS = {
     "greedy": "#f28e2b", "acs-learned": "#1b7837", "acs-free": "#5aae61", "random": "#9e9e9e",
-    "logprob": "#4e79a7", "vote": "#b07aa1", "loc-mass": "#9c755f", "oracle": "#333333",
+    "logprob": "#4e79a7", "vote": "#b07aa1", "loc-mass": "#9c755f", "loc-heads": "#edc948", "oracle": "#333333",
 }
 CURVE_COLOURS = {"high": "#1b9e77", "low": "#e6ab02", "zero": "#d95f02"}
 

@@ -34,6 +34,7 @@ SELECTOR_COLUMNS = {
     "logprob": "score_logprob",
     "vote": "score_vote",
     "loc-mass": "score_loc_mass",
+    "loc-heads": "score_loc_heads",
     "oracle": "score_oracle",
 }
 
@@ -94,6 +95,10 @@ def attention_schema(dump_maps: bool = False) -> pa.Schema:
         pa.field("layers", pa.list_(pa.int16())),
         pa.field("heads", pa.list_(pa.int16())),
         pa.field("entropy", pa.list_(pa.float32())),
+        # Per query, on its first attention row only (null on the others): the prompt's last token's
+        # share of attention on the image and the spatial entropy of its map, (layer, head) order.
+        pa.field("prompt_mass", pa.list_(pa.float32())),
+        pa.field("prompt_spatial_entropy", pa.list_(pa.float32())),
         pa.field("run_id", pa.string()),
         pa.field("shard_id", pa.string()),
     ]

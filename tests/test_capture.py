@@ -44,10 +44,10 @@ def _wanted(gen):
 
 
 @torch.inference_mode()
-def _eager_reference(adapter, eager_model, images, batch, gen, wanted):
+def _eager_reference(adapter, eager_model, images, batch, gen, wanted, raw=False):
     """Per row: eager attention from the steps of its `wanted` tokens onto its visual tokens,
     renormalised over them, (R, L, H, V); each row gets its own full forward, of its query alone
-    (encoded unpadded) followed by the row's generated tokens."""
+    (encoded unpadded) followed by the row's generated tokens. `raw`: not renormalised."""
     refs = []
     for r, toks in enumerate(gen.tokens):
         if not wanted[r]:
@@ -68,7 +68,8 @@ def _eager_reference(adapter, eager_model, images, batch, gen, wanted):
         assert vis.numel() == batch.visual_positions[q].numel()
         rows = torch.tensor([p - 1 + j for j in wanted[r]])
         att = torch.stack([a[0][:, rows][:, :, vis] for a in out.attentions], 1)  # (H, L, R, V)
-        att = att / att.sum(-1, keepdim=True)
+        if not raw:
+            att = att / att.sum(-1, keepdim=True)
         refs.append(att.permute(2, 1, 0, 3).float())  # (R, L, H, V)
     return refs
 
@@ -99,6 +100,26 @@ def test_capture_matches_eager_attention(family_adapter, batch, full_capture):
     assert checked >= 2 * N_WANTED  # at least the two greedy rows were compared in full
     # the maps are not uniform, so the comparison is informative
     assert max((m - 1 / m.shape[-1]).abs().max().item() for m in maps if m is not None) > 1e-3
+
+
+def test_capture_visual_mass_matches_eager(family_adapter, eager_model, batch, images):
+    """with_mass: the share of each row's attention on the image before renormalising, which the
+    localization-heads baseline ranks heads by; row 0 is the prompt's last token."""
+    gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
+    wanted = [[0, 1] if r % gen.k == 0 and len(t) > 1 else [] for r, t in enumerate(gen.tokens)]
+    assert sum(map(bool, wanted)) == 2
+    raw = _eager_reference(family_adapter, eager_model, images, batch, gen, wanted, raw=True)
+    maps, masses = capture_rows(family_adapter, batch, gen, wanted, list(range(family_adapter.num_layers)),
+                                with_mass=True)
+    for r, ref in enumerate(raw):
+        if ref is None:
+            assert masses[r] is None and maps[r] is None
+            continue
+        share = ref.sum(-1)  # (R, L, H)
+        assert masses[r].shape == share.shape
+        assert (masses[r] - share).abs().max().item() <= 1e-5, f"row {r}"
+        assert (maps[r] - ref / share[..., None]).abs().max().item() <= 1e-5
+        assert 0 < share.min().item() and share.max().item() < 1 and share.std().item() > 1e-3
 
 
 def test_capture_only_decoder_attention(family_adapter, batch):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.scoring import (SELECTORS, HeadProfile, QueryArrays, middle_band, score_acs_free,
-                              score_greedy, score_logprob, score_loc_mass, score_oracle, score_random,
-                              score_vote, select)
+from pipeline.scoring import (SELECTORS, HeadProfile, QueryArrays, attention_box, components, middle_band,
+                              score_acs_free, score_greedy, score_loc_heads, score_logprob, score_loc_mass,
+                              score_oracle, score_random, score_vote, select, spatial_entropy)
 
 NAN = [np.nan] * 4
 
@@ -215,4 +215,69 @@ def test_head_profile_default_middle_third(num_layers, layers):
 
 def test_selector_names():
     assert set(SELECTORS) == {"acs-learned", "greedy", "random", "logprob", "vote", "acs-free", "loc-mass",
-                              "oracle"}
+                              "loc-heads", "oracle"}
+
+
+# ------------------------------------------------------------------- localization heads
+
+
+def test_components_label_4_connected_blobs():
+    m = np.zeros((5, 6), bool)
+    m[0:2, 0:2] = True  # a square
+    m[3, 3:6] = True  # a bar
+    m[2, 2] = True  # touches the square only diagonally: its own component
+    lab = components(m)
+    assert (lab > 0).sum() == m.sum() and (lab[~m] == 0).all()
+    assert len(np.unique(lab[m])) == 3
+    assert len(np.unique(lab[0:2, 0:2])) == 1 and len(np.unique(lab[3, 3:6])) == 1
+    # a snake takes many propagation rounds and stays one component; batches label per map
+    snake = np.zeros((5, 5), bool)
+    snake[0, :] = snake[:, 4] = snake[4, :] = snake[2, 0:5] = snake[1, 0] = snake[3, 4] = True
+    both = components(np.stack([snake, m[:, :5]]))
+    assert len(np.unique(both[0][snake])) == 1 and len(np.unique(both[1][m[:, :5]])) == 3
+
+
+def test_spatial_entropy_of_blobs():
+    one = np.zeros((8, 8))
+    one[2:4, 2:5] = 1.0
+    two = one.copy()
+    two[6, 6] = 1.0  # sizes 6 and 1
+    four = np.zeros((8, 8))
+    four[0, 0] = four[0, 7] = four[7, 0] = four[7, 7] = 1.0
+    got = spatial_entropy(np.stack([one, two, four]))
+    p = np.array([6, 1]) / 7
+    assert got[0] == 0.0 and got[1] == pytest.approx(-(p * np.log(p)).sum()) and got[2] == pytest.approx(np.log(4))
+    assert spatial_entropy(np.ones((2, 3, 4, 4))).shape == (2, 3)  # flat maps: nothing above the mean
+
+
+def test_attention_box_finds_the_strongest_blob():
+    m = np.full((12, 16), 0.01)
+    m[3:6, 10:13] = 1.0  # the object
+    m[9, 1] = 0.6  # a weaker stray peak
+    assert attention_box(m).tolist() == [10, 3, 13, 6]
+    assert attention_box(np.ones((3, 4))).tolist() == [0, 0, 4, 3]  # a flat map: the whole image
+
+
+def test_score_loc_heads_sums_the_chosen_heads_only():
+    maps = np.full((2, 3, 10, 10), 0.01)
+    maps[1, 2, 1:3, 1:3] = 1.0  # the localization head looks top left
+    maps[0, 0, 6:9, 6:9] = 5.0  # a loud other head looks bottom right
+    grid = np.array([[6, 6, 9, 9], [1, 1, 3, 3], NAN], dtype=np.float64)
+    q = arrays(grid * 10, grid_boxes=grid, prompt_maps=maps)
+    s = score_loc_heads(q, [(1, 2)])
+    assert s[1] == pytest.approx(1.0) and s[0] == 0.0 and np.isnan(s[2]) and select(s) == 1
+    assert select(score_loc_heads(q, [(0, 0)])) == 0
+    assert np.isnan(score_loc_heads(arrays(grid * 10), [(1, 2)])).all()  # no prompt maps: no score
+
+
+def test_head_profile_loc_heads_round_trip_and_validation(tmp_path):
+    prof = HeadProfile("m", [(1, 0)], "entropy-spearman", {}, loc_heads=[(2, 1), (0, 3)])
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert HeadProfile.load(path, 4, 4) == prof
+    plain = HeadProfile("m", [(1, 0)])
+    plain.save(path)
+    assert HeadProfile.load(path).loc_heads is None and "loc_heads" not in json.loads(path.read_text())
+    path.write_text('{"heads": [[1, 0]], "loc_heads": [[9, 0]]}')
+    with pytest.raises(ValueError, match="loc_heads"):
+        HeadProfile.load(path, 4, 4)
