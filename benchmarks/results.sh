@@ -29,5 +29,6 @@ for data in shapes-test shapes-shift-test; do
   # pooled maps on test too: the report overlays the deciding heads' attention in its gallery
   label "$data" "$data" --profile "$OUT/head_profile.json" --regressor "$OUT/regressor" --selector acs-learned --dump-maps
   $ACS evaluate "$OUT/runs/$data" --markdown "$OUT/$data.md"
-  $ACS report "$OUT/runs/$data" --output "$OUT/$data.html"
+  $ACS report "$OUT/runs/$data" --output "$OUT/$data.html" --profile "$OUT/head_profile.json" --regressor "$OUT/regressor" \
+    --markdown "$OUT/$data.analysis.md"
 done

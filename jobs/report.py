@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None,
                     help="head profile JSON (acs calibrate): its heads make the gallery heatmaps "
                          "(default: each candidate's 8 lowest-entropy heads)")
+    ap.add_argument("--regressor", default=None,
+                    help="ACS-Learned regressor directory: adds its saliency by layer and head (needs --dump-maps)")
+    ap.add_argument("--markdown", default=None,
+                    help="also write the analyses (ACS-Free by head count, entropy and saliency by layer) as tables")
     ap.add_argument("--max-gallery", type=int, default=24, help="most gallery queries (0: none)")
     ap.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                     help="fsspec storage option for the run, its images and the output (repeatable)")
@@ -36,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or posixpath.join(args.run.rstrip("/"), "report.html")
     try:
         summary = build_report(args.run, output, profile_path=args.profile, max_gallery=args.max_gallery,
-                               storage_options=parse_storage_options(args.storage_option, "acs report"))
+                               storage_options=parse_storage_options(args.storage_option, "acs report"),
+                               regressor_path=args.regressor, markdown=args.markdown)
     except (ValueError, FileNotFoundError) as e:
         print(f"acs report: {e}", file=sys.stderr)
         return 2

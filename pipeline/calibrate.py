@@ -136,21 +136,11 @@ def loc_heads(url: str, k: int = 3, storage_options: dict | None = None) -> tupl
 def saliency_profile(url: str, regressor_dir: str, model_id: str, k: int = 8,
                      storage_options: dict | None = None) -> HeadProfile:
     """The paper's variant: heads whose maps the regressor's prediction is most sensitive to."""
-    import torch
+    from .analysis import regressor_saliency
 
-    from .regressor import load_regressor
-
-    attn = read_table(url, "attention", storage_options)
-    if "maps" not in attn.columns or attn["maps"].null_count() == attn.height:
-        raise ValueError(f"{url}: needs pooled maps (label with --dump-maps)")
-    layers, heads = attn["layers"][0].to_list(), attn["heads"][0].to_list()
-    model, meta = load_regressor(regressor_dir, len(layers), len(heads))
-    g = meta["grid"]
-    maps = torch.tensor(np.stack(attn.filter(pl.col("maps").is_not_null())["maps"].to_numpy()).astype(np.float32))
-    maps = maps.reshape(-1, 4, len(layers), len(heads), g, g).requires_grad_(True)
-    model(maps).sum().backward()
-    sal = maps.grad.abs().mean((0, 1, 4, 5)).numpy()  # (L, H)
+    sal, layers, heads = regressor_saliency(url, regressor_dir, storage_options)
     order = np.argsort(-sal, axis=None)[:k]
     top = [(int(layers[i // len(heads)]), int(heads[i % len(heads)])) for i in order]
     return HeadProfile(model_id, top, "regressor-saliency",
-                       {"source": url, "regressor": regressor_dir, "saliency_by_head": sal.round(6).tolist()})
+                       {"source": url, "regressor": regressor_dir, "saliency_by_head": sal.round(6).tolist(),
+                        "layers": layers, "heads": heads})

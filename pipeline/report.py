@@ -233,6 +233,74 @@ def svg_layer_curves(curves: dict, layers: list[int]) -> str:
     return "\n".join(parts)
 
 
+def svg_head_curve(curve: list[dict], greedy: dict | None = None) -> str:
+    """ACS-Free's Acc@0.5 (all, small) and within-query Spearman as its head set grows (k on a
+    doubling axis); greedy's Acc@0.5 as dashed lines for reference."""
+    series = [("all Acc@0.5", "all", "#4e79a7"), ("small Acc@0.5", "small", "#e15759"),
+              ("within-query Spearman", "spearman", "#59a14f")]
+    vals = [r[key] for r in curve for _, key, _ in series if _finite(r.get(key))]
+    vals += [v for v in (greedy or {}).values() if _finite(v)]
+    lo, hi = min([0.0, *vals]), max([0.1, *vals])
+    hi += (hi - lo) * 0.08
+    w, h, left, top, bottom, right = 600, 300, 56, 16, 40, 200
+    pw, ph = w - left - right, h - top - bottom
+    xmap = lambda i: left + (pw * i / (len(curve) - 1) if len(curve) > 1 else pw / 2)  # noqa: E731
+    ymap = lambda v: top + ph * (1 - (v - lo) / (hi - lo))  # noqa: E731
+    parts = _svg_open(w, h, "ACS-Free by number of heads")
+    _axes(parts, left, top, pw, ph, list(np.linspace(lo, hi, 5)), ymap, "Acc@0.5 / Spearman")
+    for i, r in enumerate(curve):
+        parts.append(f'<text x="{xmap(i):.1f}" y="{top + ph + 15}" text-anchor="middle">{r["k"]}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{h - 4}" text-anchor="middle">heads (top k on calib)</text>')
+    legend = []
+    for name, key, colour in series:
+        pts = [(xmap(i), ymap(r[key]), r) for i, r in enumerate(curve) if _finite(r.get(key))]
+        if not pts:
+            continue
+        parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)}" fill="none" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"><title>{_t(name)}, k={r["k"]}: '
+                  f'{r[key]:.3f}</title></circle>' for x, y, r in pts]
+        legend.append((name, colour, ""))
+    for key, colour in (("all", "#4e79a7"), ("small", "#e15759")):
+        v = (greedy or {}).get(key)
+        if _finite(v):
+            parts.append(f'<line x1="{left}" y1="{ymap(v):.1f}" x2="{left + pw}" y2="{ymap(v):.1f}" '
+                         f'stroke="{colour}" stroke-dasharray="4 3"/>')
+            legend.append((f"greedy {key} Acc@0.5", colour, ' stroke-dasharray="4 3"'))
+    for j, (name, colour, dash) in enumerate(legend):
+        y = top + 8 + j * 18
+        parts.append(f'<line x1="{w - right + 12}" y1="{y}" x2="{w - right + 30}" y2="{y}" stroke="{colour}" '
+                     f'stroke-width="2"{dash}/><text x="{w - right + 35}" y="{y + 4}">{_t(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def svg_head_heatmap(values: np.ndarray, layers: list[int], heads: list[int], label: str) -> str:
+    """(layer x head) heatmap, brighter = larger; each cell's value in its tooltip."""
+    nl, nh = values.shape
+    cell = max(6, min(22, int(420 / max(nh, 1))))
+    left, top = 44, 24
+    w, h = left + nh * cell + 80, top + nl * cell + 34
+    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    parts = _svg_open(w, h, label)
+    for i in range(nl):
+        for j in range(nh):
+            v = values[i, j]
+            rgb = _CMAP[int(255 * min(1.0, v / vmax))] if np.isfinite(v) and vmax > 0 else (200, 200, 200)
+            parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                         f'fill="rgb({int(rgb[0])},{int(rgb[1])},{int(rgb[2])})"><title>layer {layers[i]}, head '
+                         f'{heads[j]}: {_num(float(v), ".4f")}</title></rect>')
+    step_l, step_h = max(1, nl // 14), max(1, nh // 16)
+    for i in range(0, nl, step_l):
+        parts.append(f'<text x="{left - 5}" y="{top + i * cell + cell / 2 + 4:.1f}" text-anchor="end">{layers[i]}</text>')
+    for j in range(0, nh, step_h):
+        parts.append(f'<text x="{left + j * cell + cell / 2:.1f}" y="{top - 6}" text-anchor="middle">{heads[j]}</text>')
+    parts.append(f'<text x="{left + nh * cell / 2:.1f}" y="{h - 8}" text-anchor="middle">head (rows: layers); '
+                 f'max {vmax:.3f}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------ images
 
 
@@ -730,8 +798,13 @@ def _table_fallback(boxes: pl.DataFrame, cands: pl.DataFrame) -> dict:
 
 
 def build_report(url: str, output: str, profile_path: str | None = None, max_gallery: int = 24,
-                 storage_options: dict | None = None) -> dict:
-    """Write the HTML report of the run at `url` to `output`; returns a JSON-serialisable summary."""
+                 storage_options: dict | None = None, regressor_path: str | None = None,
+                 markdown: str | None = None) -> dict:
+    """Write the HTML report of the run at `url` to `output`; returns a JSON-serialisable summary.
+    With a calibrated profile it adds ACS-Free by head count; with `regressor_path` and pooled maps
+    the regressor's saliency by layer and head; `markdown` also writes these analyses as tables."""
+    from .analysis import (head_count_curve, head_curve_markdown, layer_curves_markdown, ranking_from_profile,
+                           regressor_saliency, saliency_markdown)
     from .calibrate import layer_curves
     from .evaluate import evaluate_run
     from .scoring import HeadProfile
@@ -757,7 +830,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     ent = read_columns(url, "attention", ["query_id", "cand_idx", "layers", "heads", "entropy"],
                        storage_options=storage_options) if need_curves else pl.DataFrame()
 
-    curves, curve_layers = None, []
+    curves, curve_layers, head_curve, saliency = None, [], None, None
     if ent.height and "iou" in cands.columns:
         layers, heads = ent["layers"][0].to_list(), ent["heads"][0].to_list()
         size = 4 * len(layers) * len(heads)
@@ -771,6 +844,10 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
             e = np.stack(joined["entropy"].to_numpy()).astype(np.float64).reshape(
                 joined.height, 4, len(layers), len(heads))
             curves, curve_layers = layer_curves(joined.drop("entropy"), e), [int(x) for x in layers]
+            ranking = ranking_from_profile(profile.meta, layers, heads) if profile else None
+            if ranking is not None and np.isfinite(ranking).any():
+                queries = boxes.filter(pl.col("size_bucket").is_not_null()).select("query_id", "size_bucket")
+                head_curve = head_count_curve(joined.drop("entropy"), e, ranking, queries)
 
     # Gallery: choose, then read only the selected candidates' attention rows (with maps if any).
     entries, totals = pick_gallery(boxes, cands, max_gallery)
@@ -793,6 +870,12 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
         maps_note = "The gallery's selected candidates have no pooled attention maps, so it shows no heatmaps."
     else:
         maps_note = ""
+
+    if regressor_path and "maps" in attn_cols:
+        try:
+            saliency = regressor_saliency(url, regressor_path, storage_options, max_rows=4000)
+        except ValueError as e:
+            notes.append(f"no regressor saliency: {e}")
 
     run_selectors = set(boxes["selector"].drop_nulls().unique().to_list())
     header, info = _header_html(boxes, cands, ev, url, have_maps, profile_path)
@@ -825,6 +908,17 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
         page.append('<div class="plot"><h3>Mean attention entropy by layer</h3>'
                     + svg_layer_curves(curves, curve_layers) + "</div>")
         plots.append("entropy_by_layer")
+    greedy_acc = {b: r["acc50"] for r in table for b in ("all", "small")
+                  if r["selector"] == "greedy" and r["size_bucket"] == b}
+    if head_curve:
+        page.append('<div class="plot"><h3>ACS-Free by number of heads</h3>' + svg_head_curve(head_curve, greedy_acc)
+                    + "</div>")
+        plots.append("acs_free_by_head_count")
+    if saliency is not None:
+        page.append('<div class="plot"><h3>Regressor saliency by layer and head</h3>'
+                    + svg_head_heatmap(saliency[0], saliency[1], saliency[2], "regressor saliency by layer and head")
+                    + "</div>")
+        plots.append("regressor_saliency")
     page.append("</div>")
     if not reg:
         page.append('<div class="note">No ACS-Learned scores in this run (no regressor): no reliability '
@@ -854,6 +948,15 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     page.append("</body></html>")
     text = "\n".join(page)
     _write_text(output, text, storage_options)
+    if markdown:
+        md = [f"# Analyses of {url}", ""]
+        if head_curve:
+            md += ["## ACS-Free by number of heads (ranked on calib)", "", head_curve_markdown(head_curve), ""]
+        if curves:
+            md += ["## Mean attention entropy by layer", "", layer_curves_markdown(curves, curve_layers), ""]
+        if saliency is not None:
+            md += ["## Regressor saliency by layer", "", saliency_markdown(*saliency), ""]
+        _write_text(markdown, "\n".join(md), storage_options)
 
     n_png = text.count('src="data:image/png;base64,')
     reliability_ece = reg["reliability"]["ece"] if reg else None
@@ -865,7 +968,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
         "gallery_queries": [e.query_id for e in entries],
         "changed_queries": totals,
         "heatmaps": sum(len(e.images) > 1 for e in entries), "png_images": n_png,
-        "has_maps": have_maps, "plots": plots,
+        "has_maps": have_maps, "plots": plots, "head_curve": head_curve,
         "ece": None if reliability_ece is None or not math.isfinite(reliability_ece) else float(reliability_ece),
         "notes": notes + ([maps_note] if maps_note else []), "bytes": len(text.encode("utf-8")),
     }

@@ -56,7 +56,7 @@ def make_run(root, *, dump_maps=True, learned=True):
         np.fill_diagonal(vote, 0)
         for c, b in enumerate(cboxes):
             scores = {"greedy": -c, "random": float(rng.random()), "logprob": float(-rng.random()),
-                      "vote": float(vote[c].sum()), "loc-mass": float(rng.random()),
+                      "vote": float(vote[c].sum()), "loc-mass": float(rng.random()), "loc-heads": 0.5,
                       "oracle": float(ious[c]) if gt else None,
                       "acs-free": (-1.0 if c == sel else -2.0 - c),
                       "acs-learned": float(np.clip(ious[c] + 0.1, 0, 1)) if learned and gt else None}
@@ -223,3 +223,52 @@ def test_cli(run_with_maps, tmp_path, capsys):
     assert main([str(run_with_maps), "--output", str(tmp_path / "cli.html"), "--max-gallery", "3"]) == 0
     assert (tmp_path / "cli.html").exists() and "gallery 3" in capsys.readouterr().out
     assert acs(["report", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "x.html")]) == 2
+
+
+def test_head_count_curve_by_hand():
+    import polars as pl
+
+    from pipeline.analysis import head_count_curve, head_counts
+
+    assert head_counts(9) == [1, 2, 4, 8, 9] and head_counts(1) == [1]
+    # Query A: head 0 orders its two candidates right, head 1 wrong and louder; query B has no box.
+    frame = pl.DataFrame({"query_id": ["A", "A"], "cand_idx": [0, 1], "iou": [0.9, 0.1]})
+    ent = np.zeros((2, 4, 1, 2))
+    ent[0, :, 0] = [1.0, 3.0]
+    ent[1, :, 0] = [2.0, 0.5]
+    queries = pl.DataFrame({"query_id": ["A", "B"], "size_bucket": ["small", "large"]})
+    k1, k2 = head_count_curve(frame, ent, np.array([[0.8, 0.1]]), queries)
+    assert (k1["k"], k1["all"], k1["small"], k1["large"], k1["spearman"]) == (1, 0.5, 1.0, 0.0, 1.0)
+    assert (k2["k"], k2["all"], k2["small"], k2["spearman"]) == (2, 0.0, 0.0, -1.0)
+    assert k1["n_all"] == 2 and k1["medium"] is None
+    # A head the ranking could not score (NaN) is never used.
+    (only,) = head_count_curve(frame, ent, np.array([[np.nan, 0.1]]), queries)
+    assert only["k"] == 1 and only["small"] == 0.0
+
+
+def test_report_analyses_head_curve_and_saliency(run_with_maps, tmp_path):
+    import torch
+
+    from pipeline.calibrate import calibrate
+    from pipeline.regressor import IoURegressor, save_regressor
+    from pipeline.report import build_report
+
+    profile, _ = calibrate(str(run_with_maps), "tiny-test", k=2)
+    profile.save(tmp_path / "profile.json")
+    torch.manual_seed(0)
+    save_regressor(IoURegressor(len(LAYERS), len(HEADS), G), tmp_path / "reg", {"model_id": "tiny-test"})
+    md = tmp_path / "analysis.md"
+    s = build_report(str(run_with_maps), str(tmp_path / "a.html"), profile_path=str(tmp_path / "profile.json"),
+                     regressor_path=str(tmp_path / "reg"), markdown=str(md), max_gallery=0)
+    assert {"acs_free_by_head_count", "regressor_saliency"} <= set(s["plots"])
+    assert [r["k"] for r in s["head_curve"]] == [1, 2, 4, 8, 9]
+    assert all(r["n_all"] == 5 and 0 <= r["all"] <= 1 for r in s["head_curve"])
+    # Entropy falls with IoU on every head here, so every head set orders candidates perfectly.
+    assert all(r["spearman"] == pytest.approx(1.0) for r in s["head_curve"])
+    text = md.read_text()
+    assert "## ACS-Free by number of heads" in text and "## Regressor saliency by layer" in text
+    shares = [float(line.split("|")[2]) for line in text.split("## Regressor saliency by layer")[1].splitlines()
+              if re.match(r"\| \d+ \|", line)]
+    assert len(shares) == len(LAYERS) and sum(shares) == pytest.approx(1.0, abs=2e-3)
+    html = (tmp_path / "a.html").read_text()
+    assert "ACS-Free by number of heads" in html and "layer 5, head 1:" in html
