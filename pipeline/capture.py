@@ -31,9 +31,11 @@ class CaptureRequest:
     vis_pos: torch.Tensor  # (B, V) key positions of visual tokens (padded)
     vis_valid: torch.Tensor  # (B, V) bool
     out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, R, H_sel, V) float32
-    # With key_valid (B, K): the keys each row may attend to besides causality (the padding mask),
-    # and then `mass` gets, per layer, the share of each row's attention that lands on the visual
-    # tokens before renormalising (B, R, H_sel): what the localization-heads baseline ranks heads by.
+    # With mass_idx (Bm,) (batch rows) and key_valid (Bm, K) (the keys those rows may attend to
+    # besides causality: the padding mask), `mass` gets per layer the share of their rows' attention
+    # that lands on the visual tokens before renormalising, (Bm, R, H_sel): what the
+    # localization-heads baseline ranks heads by. Only the few batch rows asked for pay for it.
+    mass_idx: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
     mass: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -66,15 +68,16 @@ def _rows_over_visual(req: CaptureRequest, query: torch.Tensor, key: torch.Tenso
     scores = torch.einsum("brhd,bhvd->brhv", q.float(), k.float()) * scaling  # (B, R, Hs, V)
     scores = scores.masked_fill(~req.vis_valid[:, None, None, :], float("-inf"))
     mass = None
-    if req.key_valid is not None:
+    if req.mass_idx is not None:
         # The same rows against every key they can see: log of the full softmax's normaliser.
-        k_all = key[:, heads // (h // kvh)]  # (B, Hs, K, d)
-        full = torch.einsum("brhd,bhkd->brhk", q.float(), k_all.float()) * scaling  # (B, R, Hs, K)
+        m = req.mass_idx
+        k_all = key[m][:, heads // (h // kvh)]  # (Bm, Hs, K, d)
+        full = torch.einsum("brhd,bhkd->brhk", q[m].float(), k_all.float()) * scaling  # (Bm, R, Hs, K)
         n_keys, q_len = key.shape[2], query.shape[2]
-        causal = torch.arange(n_keys, device=key.device)[None, None, :] <= (n_keys - q_len + req.rows)[:, :, None]
-        seen = causal & req.key_valid[:, None, :].bool()  # (B, R, K)
+        causal = torch.arange(n_keys, device=key.device)[None, None, :] <= (n_keys - q_len + req.rows[m])[:, :, None]
+        seen = causal & req.key_valid[:, None, :].bool()  # (Bm, R, K)
         full = full.masked_fill(~seen[:, :, None, :], float("-inf"))
-        mass = (scores.logsumexp(-1) - full.logsumexp(-1)).exp()
+        mass = (scores[m].logsumexp(-1) - full.logsumexp(-1)).exp()
     return scores.softmax(-1), mass
 
 

@@ -176,7 +176,8 @@ class Grounder:
         if self.layers:
             head_idx = torch.tensor(self.heads, device=ad.model.device)
             if prompt:
-                maps, masses = capture_rows(ad, enc, gen, captured, self.layers, head_idx, with_mass=True)
+                maps, masses = capture_rows(ad, enc, gen, captured, self.layers, head_idx,
+                                            mass_rows=list(range(0, len(parsed), k)))
             else:
                 maps = capture_rows(ad, enc, gen, captured, self.layers, head_idx)
         t3 = time.perf_counter()

@@ -171,22 +171,22 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
 
 @torch.inference_mode()
 def capture_rows(adapter: Adapter, enc: Encoded, gen: Generation, wanted: list[list[int]],
-                 layers: list[int], heads: torch.Tensor | None = None, with_mass: bool = False):
+                 layers: list[int], heads: torch.Tensor | None = None, mass_rows: list[int] | None = None):
     """Attention onto the visual tokens from the steps that generated the `wanted` tokens.
 
     `wanted[r]` lists generated-token indices of row r. The step that generated token j had token
     j - 1 as its input (the last prompt token for j = 0), so we feed [last prompt token] + tokens
     against the prefix cache minus its last entry, and read input row j for token j.
-    Returns per row a (len(wanted[r]), len(layers), H_sel, V_r) float32 tensor, or None if empty;
-    `with_mass` also returns per row the visual share of the attention before renormalising,
-    (len(wanted[r]), len(layers), H_sel), as a second list.
+    Returns per row a (len(wanted[r]), len(layers), H_sel, V_r) float32 tensor, or None if empty.
+    With `mass_rows` (row ids) it also returns, as a second list, for those rows the visual share
+    of the attention before renormalising, (len(wanted[r]), len(layers), H_sel), None elsewhere.
     """
     model = adapter.model
     install(model)
     rows = len(gen.tokens)
     need = [r for r in range(rows) if wanted[r]]
     if not need:
-        return ([None] * rows, [None] * rows) if with_mass else [None] * rows
+        return ([None] * rows, [None] * rows) if mass_rows is not None else [None] * rows
     device = gen.mask.device
     cache = gen.cache  # the prompt's, one row per query
     cache.crop(-1)  # keep the prompt minus its last token (crop takes tokens to remove, negative)
@@ -211,8 +211,11 @@ def capture_rows(adapter: Adapter, enc: Encoded, gen: Generation, wanted: list[l
     vis = [enc.visual_positions[r // gen.k] for r in need]
     vis_pos, vis_valid = pad_positions(vis, device)
     # Key positions count from the first (padded) prompt position, as in the cache.
+    slot = {r: i for i, r in enumerate(need)}
+    m_need = [r for r in (mass_rows or []) if r in slot]
+    m_idx = torch.tensor([slot[r] for r in m_need], dtype=torch.long, device=device)
     req = CaptureRequest(layers=list(layers), heads=heads, rows=row_idx, vis_pos=vis_pos, vis_valid=vis_valid,
-                         key_valid=mask.bool() if with_mass else None)
+                         mass_idx=m_idx if m_need else None, key_valid=mask[m_idx].bool() if m_need else None)
     with capturing(req):
         model(input_ids=inp, attention_mask=mask, cache=cache,
               use_cache=True, position_ids=pos, logits_to_keep=1)
@@ -220,10 +223,11 @@ def capture_rows(adapter: Adapter, enc: Encoded, gen: Generation, wanted: list[l
     result: list[torch.Tensor | None] = [None] * rows
     for i, r in enumerate(need):
         result[r] = stacked[i, : len(wanted[r]), :, :, : vis[i].numel()]
-    if not with_mass:
+    if mass_rows is None:
         return result
-    mass = torch.stack([req.mass[layer] for layer in layers], 2)  # (B', R, L, Hs)
     masses: list[torch.Tensor | None] = [None] * rows
-    for i, r in enumerate(need):
-        masses[r] = mass[i, : len(wanted[r])]
+    if m_need:
+        mass = torch.stack([req.mass[layer] for layer in layers], 2)  # (Bm, R, L, Hs)
+        for j, r in enumerate(m_need):
+            masses[r] = mass[j, : len(wanted[r])]
     return result, masses

@@ -103,14 +103,15 @@ def test_capture_matches_eager_attention(family_adapter, batch, full_capture):
 
 
 def test_capture_visual_mass_matches_eager(family_adapter, eager_model, batch, images):
-    """with_mass: the share of each row's attention on the image before renormalising, which the
+    """mass_rows: the share of those rows' attention on the image before renormalising, which the
     localization-heads baseline ranks heads by; row 0 is the prompt's last token."""
     gen = sample(family_adapter, batch, CFG, ["qa", "qb"])
     wanted = [[0, 1] if r % gen.k == 0 and len(t) > 1 else [] for r, t in enumerate(gen.tokens)]
     assert sum(map(bool, wanted)) == 2
     raw = _eager_reference(family_adapter, eager_model, images, batch, gen, wanted, raw=True)
+    greedy_rows = [r for r in range(len(wanted)) if wanted[r]]
     maps, masses = capture_rows(family_adapter, batch, gen, wanted, list(range(family_adapter.num_layers)),
-                                with_mass=True)
+                                mass_rows=greedy_rows + [1])  # row 1 wants nothing: no mass for it
     for r, ref in enumerate(raw):
         if ref is None:
             assert masses[r] is None and maps[r] is None
