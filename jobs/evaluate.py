@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         r = result["regressor"]
         print(f"regressor: Pearson r {r['pearson']:.3f}, Spearman {r['spearman']:.3f} over {r['n']} candidates; "
               f"ECE {r['reliability']['ece']:.3f}")
-    print(f"no_box share: greedy {result['no_box_share']['greedy']:.3f}, sampled {result['no_box_share']['sampled']}")
+    nb = result["no_box_share"]
+    print(f"no_box share: greedy {nb['greedy']:.3f}, sampled "
+          + ("-" if nb["sampled"] is None else f"{nb['sampled']:.3f}"))
     if "sampling" in result:
         sm = result["sampling"]
         print(f"sampling: {sm['sampled_per_query_mean']:.2f} of {sm['sampled_per_query_max']} candidates sampled per "

@@ -140,13 +140,13 @@ def format_label_quality(lq: dict) -> str:
 
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     cells = {(r["threshold"], r["size_bucket"]): r for r in lq["rows"]}
-    head = [f"{lq['by']} >=", *(f"{b}: kept / precision / recall" for b in (*BUCKETS, ALL))]
+    head = [f"{lq['by']} >=", *(f"{b}: kept of n: precision P, recall R" for b in (*BUCKETS, ALL))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in dict.fromkeys(r["threshold"] for r in lq["rows"]):
         row = [f"{t:g}"]
         for b in (*BUCKETS, ALL):
             r = cells[(t, b)]
-            row.append(f"{r['kept']}/{r['n']} / {f(r['precision'])} / {f(r['recall'])}")
+            row.append(f"{r['kept']} of {r['n']}: P {f(r['precision'])}, R {f(r['recall'])}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
