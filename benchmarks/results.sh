@@ -9,7 +9,7 @@
 set -euo pipefail
 NTRAIN=${1:-600}; NCALIB=${2:-100}; NTEST=${3:-180}; OUT=${4:-out/results}
 MODEL=${MODEL:-organism}; N=${N:-10}; T=${TEMPERATURE:-1.0}
-ACS="python -m jobs.cli"
+ACS="${PY:-python} -m jobs.cli"  # PY=.venv/bin/python without an activated venv
 mkdir -p "$OUT"
 t0=$SECONDS
 stage() { echo "$1: $((SECONDS - t0)) s" | tee -a "$OUT/timing.txt" >&2; }

@@ -99,7 +99,7 @@ def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_op
     return boxes, cands
 
 
-LABEL_THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
+LABEL_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)  # low ones too: a weak regressor predicts low IoUs
 
 
 def label_quality(with_gt: pl.DataFrame, thresholds=LABEL_THRESHOLDS) -> dict:

@@ -197,9 +197,16 @@ def test_paired_bootstrap_clear_gain_and_symmetry():
     # Only discordant queries move the difference: its spread matches the analytic one.
     sd = math.sqrt((60 / 300 - (60 / 300) ** 2) / 300)
     assert r["acc_diff_ci"][1] - r["acc_diff_ci"][0] == pytest.approx(2 * 1.96 * sd, rel=0.15)
-    back = M.paired_bootstrap(g, m)  # the same resamples, mirrored
+    back = M.paired_bootstrap(g, m)  # mirrored: the interval flips (up to resampling noise)
     assert back["won"] == 0 and back["lost"] == 60 and back["verdict"] == "worse"
-    assert back["acc_diff_ci"] == pytest.approx([-r["acc_diff_ci"][1], -r["acc_diff_ci"][0]])
+    assert back["acc_diff_ci"] == pytest.approx([-r["acc_diff_ci"][1], -r["acc_diff_ci"][0]], abs=0.01)
+    # Many queries: O(resamples) for accuracy, normal mIoU interval; the same answers at scale.
+    big = M.paired_bootstrap(np.tile(m, 200), np.tile(g, 200))
+    assert big["n"] == 60_000 and big["won"] == 12_000 and big["acc_diff"] == pytest.approx(0.2)
+    assert big["acc_diff_ci"][1] - big["acc_diff_ci"][0] == pytest.approx(2 * 1.96 * sd / math.sqrt(200), rel=0.15)
+    dm = np.tile(m - g, 200)
+    half = 1.96 * dm.std(ddof=1) / math.sqrt(dm.size)
+    assert big["miou_diff_ci"] == pytest.approx([dm.mean() - half, dm.mean() + half], abs=half * 0.15)
 
 
 def test_paired_bootstrap_greedy_at_zero_has_no_relative_interval():

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/../.."
 RUN=${1:?usage: ship.sh RUN [N_TRAIN N_CALIB N_TEST OUT]}
 NTRAIN=${2:-60}; NCALIB=${3:-30}; NTEST=${4:-48}; OUT=${5:-out/results}
 PY=${PY:-.venv/bin/python}
+export PY  # results.sh runs the CLI with it
 ASSET=pipeline/assets/organism
 [ -f "$RUN/ckpt/state.json" ] || { echo "ship.sh: $RUN has no checkpoint" >&2; exit 2; }
 if pgrep -f "train_organism.*--out $RUN" >/dev/null; then
