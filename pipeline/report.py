@@ -592,7 +592,7 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bot
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
 td.sel,th.sel{text-align:left}tr.oracle td{color:#777;font-style:italic}
-td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c62828}.ns{color:#888}td small{display:block;font-size:10px;color:#666;white-space:nowrap}
+td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c62828}.ns{color:#888}td small{display:block;font-size:10px;line-height:1.15;color:#666;max-width:9em;margin-left:auto}
 .meta td,.meta th{text-align:left}.tag{font-size:11px;background:#eef;border-radius:3px;padding:0 4px}
 .plots{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .plot{border:1px solid #eee;padding:8px}.plot h3{font-size:14px;margin:0 0 6px}
