@@ -63,24 +63,12 @@ class HeadProfile:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or not isinstance(data.get("heads"), list) or not data["heads"]:
             raise ValueError(f"head profile {path} must be a JSON object with a non-empty 'heads' list")
-        heads = []
-        for pair in data["heads"]:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
-                raise ValueError(f"head profile {path}: bad (layer, head) pair {pair!r}")
-            if (num_layers is not None and not 0 <= pair[0] < num_layers) or \
-                    (num_heads is not None and not 0 <= pair[1] < num_heads):
-                raise ValueError(f"head profile {path}: pair {pair} is outside the model's "
-                                 f"{num_layers} layers x {num_heads} heads")
-            heads.append((pair[0], pair[1]))
+        heads = _pairs(path, "heads", data["heads"], num_layers, num_heads)
         loc = data.get("loc_heads")
         if loc is not None:
-            bad = [p for p in loc if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p)
-                                          and (num_layers is None or 0 <= p[0] < num_layers)
-                                          and (num_heads is None or 0 <= p[1] < num_heads))]
-            if bad or not loc:
-                raise ValueError(f"head profile {path}: 'loc_heads' must be a non-empty list of (layer, head) pairs "
-                                 f"inside the model; bad: {bad[:3]!r}")
-            loc = [(p[0], p[1]) for p in loc]
+            if not isinstance(loc, list) or not loc:
+                raise ValueError(f"head profile {path}: 'loc_heads' must be a non-empty list of (layer, head) pairs")
+            loc = _pairs(path, "loc_heads", loc, num_layers, num_heads)
         return cls(str(data.get("model_id", "")), heads, str(data.get("method", "")), data.get("meta", {}), loc)
 
     def save(self, path: str | Path) -> None:
@@ -93,6 +81,20 @@ class HeadProfile:
     @property
     def layers(self) -> list[int]:
         return sorted({l for l, _ in self.heads})
+
+
+def _pairs(path, key: str, items: list, num_layers: int | None, num_heads: int | None) -> list[tuple[int, int]]:
+    """A profile's (layer, head) list, checked against the model's size when it is given."""
+    out = []
+    for pair in items:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
+            raise ValueError(f"head profile {path}: bad (layer, head) pair {pair!r} in '{key}'")
+        if (num_layers is not None and not 0 <= pair[0] < num_layers) or \
+                (num_heads is not None and not 0 <= pair[1] < num_heads):
+            raise ValueError(f"head profile {path}: pair {pair} is outside the model's "
+                             f"{num_layers} layers x {num_heads} heads (in '{key}')")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def _masked(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:

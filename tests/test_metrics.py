@@ -234,9 +234,13 @@ def test_selector_table_pairs_by_query_and_formats_the_verdict():
     assert f"{w['won']}/0" in win_line and "no measurable" not in win_line
     ci = w["gain_ci"]
     assert f"[{ci[0]:+.0%}, {ci[1]:+.0%}]" in win_line
-    if t["same", "small"]["vs_greedy"]["verdict"] == "no measurable difference":
-        same_line = next(line for line in text.splitlines() if line.startswith("| same"))
-        assert "no measurable difference" in same_line
+    # The reshuffle wins and loses about as often (21 / 22 of 80 small queries): no verdict either way.
+    same_small = t["same", "small"]["vs_greedy"]
+    assert (same_small["won"], same_small["lost"]) == (21, 22)
+    assert same_small["verdict"] == "no measurable difference"
+    assert same_small["acc_diff_ci"][0] < 0 < same_small["acc_diff_ci"][1]
+    same_line = next(line for line in text.splitlines() if line.startswith("| same"))
+    assert "no measurable difference (" in same_line and "21/22" in same_line
     # A selector missing some of greedy's queries is not paired.
     part = [r for r in rows if not (r["selector"] == "win" and r["query_id"] == "q0")]
     assert {(r["selector"], r["size_bucket"]): r for r in M.selector_table(part)}["win", "all"]["vs_greedy"] is None
