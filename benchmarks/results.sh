@@ -3,11 +3,12 @@
 # regressor on shapes train/calib only, then report on shapes/test and shapes-shift/test
 # (transfer), with paired bootstrap intervals, label quality and the analyses. Sizes are
 # arguments so a quick check and the full run share one script. The defaults are the full
-# protocol: about 3.4 queries an image, so 600 train images give ~2,000 regressor queries and 180
-# test images ~600 test queries (~290 small) per variant. Wall time per stage: OUT/timing.txt.
+# protocol of issue 17: train images give ~3.4 queries each (640 -> ~2,150 regressor queries) and
+# test images ~3.0 (210 -> ~630 test queries, ~290 small, per variant). Wall time per stage:
+# OUT/timing.txt.
 #   bash benchmarks/results.sh [N_TRAIN_IMAGES] [N_CALIB_IMAGES] [N_TEST_IMAGES] [OUT]
 set -euo pipefail
-NTRAIN=${1:-600}; NCALIB=${2:-100}; NTEST=${3:-180}; OUT=${4:-out/results}
+NTRAIN=${1:-640}; NCALIB=${2:-100}; NTEST=${3:-210}; OUT=${4:-out/results}
 MODEL=${MODEL:-organism}; N=${N:-10}; T=${TEMPERATURE:-1.0}
 ACS="${PY:-python} -m jobs.cli"  # PY=.venv/bin/python without an activated venv
 mkdir -p "$OUT"

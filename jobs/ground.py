@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="organism", help="hub id, local directory, or `organism`")
     ap.add_argument("--selector", default="acs-free", help="selector whose choice is marked")
     ap.add_argument("--num-candidates", type=int, default=10, help="sampled candidates N (greedy on top)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: the model's own from its acs_model.json, else 1.0)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--decode", choices=["box", "full"], default="box",
@@ -34,14 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.query.strip():
         print("acs ground: --query is empty; name the object to ground", file=sys.stderr)
         return 2
-    from pipeline.assets import default_paths
+    from pipeline.assets import default_paths, default_temperature
     from pipeline.ground import GroundConfig, Grounder, Query
     from pipeline.images import ImageError, read_image
     from pipeline.models.base import load_adapter
     from pipeline.sampling import SamplingConfig
 
     try:
-        sampling = SamplingConfig(num_candidates=args.num_candidates, temperature=args.temperature,
+        sampling = SamplingConfig(num_candidates=args.num_candidates,
+                                  temperature=default_temperature(args.model, args.temperature),
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   decode=args.decode)
         image = read_image(args.image)

@@ -440,7 +440,7 @@ def check_box_round_trip(ctx: _Ctx) -> Check:
 def check_query(ctx: _Ctx) -> Check:
     import pyarrow as pa
 
-    from .assets import default_paths
+    from .assets import default_paths, default_temperature
     from .ground import GroundConfig, Grounder, Query
     from .label import LabelConfig, resolve_selector
     from .records import rows_for_query
@@ -450,6 +450,7 @@ def check_query(ctx: _Ctx) -> Check:
     # The ground configuration `run_label` builds from the same LabelConfig fields and defaults.
     cfg = LabelConfig(output="-", model=ctx.model, num_candidates=ctx.num_candidates, batch_size=ctx.batch_size,
                       max_new_tokens=ctx.max_new_tokens)
+    cfg.temperature = default_temperature(cfg.model, cfg.temperature)
     profile, regressor = default_paths(cfg.model, cfg.profile, cfg.regressor)
     selector = resolve_selector(cfg, regressor)
     ground_cfg = GroundConfig(

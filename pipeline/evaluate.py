@@ -65,7 +65,7 @@ def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_op
     """Ground truth from a COCO file for runs made without it (manifest or shard inputs): matched on
     (image id or file stem, category name); only single-instance pairs, as in METHOD.md."""
     from .inputs import list_coco
-    from .metrics import box_iou, size_bucket
+    from .metrics import size_bucket
 
     gts = list_coco(gt_json, "", storage_options)
     table = {}
@@ -87,16 +87,26 @@ def attach_gt(boxes: pl.DataFrame, cands: pl.DataFrame, gt_json: str, storage_op
                                     "gt_x2": pl.Float64, "gt_y2": pl.Float64, "gt_area": pl.Float64,
                                     "size_bucket": pl.String})
     boxes = boxes.drop("gt_x1", "gt_y1", "gt_x2", "gt_y2", "gt_area", "size_bucket").join(gt, on="query_id", how="left")
-    c = cands.join(gt.select("query_id", "gt_x1", "gt_y1", "gt_x2", "gt_y2"), on="query_id", how="left")
-    pred = c.select("x1", "y1", "x2", "y2").to_numpy().astype(float)
-    g = c.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").to_numpy().astype(float)
+    cands = cands.join(gt.select("query_id", "gt_x1", "gt_y1", "gt_x2", "gt_y2"), on="query_id", how="left")
+    # The same IoUs `acs label` writes when it has the ground truth: with a box, its IoU; without
+    # one (a failed query or candidate), 0.0, a miss; null only where the query has no match.
+    return _with_iou(boxes), _with_iou(cands).drop("gt_x1", "gt_y1", "gt_x2", "gt_y2")
+
+
+def _with_iou(frame: pl.DataFrame) -> pl.DataFrame:
     import numpy as np
 
-    ious = np.array([box_iou(pred[i:i + 1], g[i:i + 1])[0, 0] if np.isfinite(g[i]).all() else np.nan
-                     for i in range(len(c))])
-    cands = c.drop("gt_x1", "gt_y1", "gt_x2", "gt_y2").with_columns(
-        pl.Series("iou", ious).fill_nan(None))
-    return boxes, cands
+    from .metrics import paired_iou
+
+    pred = frame.select("x1", "y1", "x2", "y2").cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    g = frame.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    has_gt, has_box = np.isfinite(g).all(1), np.isfinite(pred).all(1)
+    iou = np.full(frame.height, np.nan)
+    iou[has_gt] = 0.0
+    both = has_gt & has_box
+    if both.any():
+        iou[both] = paired_iou(pred[both], g[both])
+    return frame.with_columns(pl.Series("iou", iou, dtype=pl.Float64).fill_nan(None))
 
 
 LABEL_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)  # low ones too: a weak regressor predicts low IoUs
@@ -109,15 +119,11 @@ def label_quality(with_gt: pl.DataFrame, thresholds=LABEL_THRESHOLDS) -> dict:
     all queries of the bucket, failed ones included, so a strict filter pays in recall)."""
     import numpy as np
 
-    from .metrics import ALL, BUCKETS, paired_iou
+    from .metrics import ALL, BUCKETS
 
     by = "predicted_iou" if with_gt["predicted_iou"].drop_nulls().len() else "confidence"
     has_box = with_gt["x1"].is_not_null().to_numpy()
-    iou = np.zeros(with_gt.height)
-    if has_box.any():
-        b = with_gt.filter(pl.col("x1").is_not_null())
-        iou[has_box] = np.nan_to_num(paired_iou(b.select("x1", "y1", "x2", "y2").to_numpy().astype(float),
-                                                b.select("gt_x1", "gt_y1", "gt_x2", "gt_y2").to_numpy().astype(float)))
+    iou = with_gt["iou"].cast(pl.Float64).fill_null(0.0).fill_nan(0.0).to_numpy()
     conf = with_gt[by].fill_null(-1.0).to_numpy().astype(float)  # no box / no score: never kept
     conf[~has_box] = -1.0
     bucket = with_gt["size_bucket"].fill_null("").to_numpy().astype(str)

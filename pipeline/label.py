@@ -34,7 +34,9 @@ class LabelConfig:
     model: str = field(default="organism", metadata={"help": "hub id, local directory or `organism`"})
     selector: str = field(default="auto", metadata={"help": "selector for boxes/: auto = acs-learned with a regressor, else acs-free"})
     num_candidates: int = field(default=10, metadata={"help": "sampled candidates N (greedy comes on top)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "sampling temperature (default: the model's own from its acs_model.json, the organism's chosen on "
+                "calib; else 1.0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per candidate at most"})
     decode: str = field(default="box", metadata={
@@ -370,13 +372,14 @@ def _auto_threads(actors: int) -> int:
 def run_label(cfg: LabelConfig) -> dict:
     import ray
 
-    from .assets import default_paths
+    from .assets import default_paths, default_temperature
     from .ground import GroundConfig
     from .sampling import SamplingConfig
     from .stages import ACSStage, load_images
 
     t_start = time.time()
     cfg.run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    cfg.temperature = default_temperature(cfg.model, cfg.temperature)  # resolved: the record says which
     profile, regressor = default_paths(cfg.model, cfg.profile, cfg.regressor)
     selector = resolve_selector(cfg, regressor)
     check_loc_heads(selector, profile)

@@ -33,11 +33,27 @@ def load_examples(urls: list[str], storage_options: dict | None = None):
         if layers is not None and (l_, h_, g_) != (layers, heads, grid):
             raise ValueError(f"{url}: captured layers/heads/grid differ from the other runs")
         layers, heads, grid = l_, h_, g_
-        m = np.stack(j["maps"].to_numpy()).astype(np.float32)
-        xs.append(m.reshape(-1, 4, len(layers), len(heads), grid, grid))
+        xs.append(_dense_maps(j["maps"], (4, len(layers), len(heads), grid, grid)))
+        del attn, cands
         ys.append(j["iou"].to_numpy().astype(np.float32))
         qs.append((url + "#" + j["query_id"]).to_numpy())
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(qs), layers, heads, grid
+
+
+def _dense_maps(col: pl.Series, shape: tuple[int, ...], chunk: int = 2048) -> np.ndarray:
+    """A list column of flat maps into one preallocated float32 array, a chunk of rows at a time:
+    the full protocol's ~24k candidates are ~6 GB of maps, and stacking them through per-row
+    arrays held two more copies at once."""
+    width = int(np.prod(shape))
+    out = np.empty((col.len(), width), np.float32)
+    for i in range(0, col.len(), chunk):
+        part = col.slice(i, chunk)
+        flat = part.explode().to_numpy()
+        if flat.size != part.len() * width:
+            raise ValueError(f"pooled maps of {flat.size // max(part.len(), 1)} values, expected {width} "
+                             f"(4 coordinates x layers x heads x grid^2)")
+        out[i:i + part.len()] = flat.reshape(part.len(), width)
+    return out.reshape(-1, *shape)
 
 
 def fit(train, calib, epochs: int = 60, lr: float = 2e-3, batch: int = 256, patience: int = 8, seed: int = 0,

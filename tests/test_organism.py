@@ -222,6 +222,13 @@ def test_train_recipe_resumes_forks_and_makes_its_card(tmp_path):
     export_organism(out / "ckpt", asset, card=card, run_dir=out)
     meta = json.loads((asset / "acs_model.json").read_text())
     assert meta["steps"] == 5 and meta["recipe_spec"]["name"] == "tiny" and (asset / "train_log.jsonl").exists()
+    # The temperature chosen on calib for step 5 ships with it; `acs label` samples at it by default.
+    from pipeline.assets import default_temperature
+
+    final = json.loads((out / "ckpt" / "state.json").read_text())["final"]
+    assert final["step"] == 5 and meta["temperature"] == final["temperature"]
+    assert default_temperature(str(asset), None) == final["temperature"] and default_temperature(str(asset), 0.3) == 0.3
+    assert default_temperature(str(tmp_path), None) == 1.0  # no acs_model.json: the sampler's default
     more = _tiny(phases=[TINY["phases"][0], {**TINY["phases"][1], "steps": 4}])
     cont = tmp_path / "cont"
     assert train(more, cont, threads=2, init_from=asset, print_fn=lambda s: None)["step"] == 6

@@ -71,3 +71,19 @@ def test_fit_learns_when_most_ious_are_zero():
         pred = model(torch.from_numpy(calib[0])).numpy()
     assert pred.std() > 0.02  # not one constant
     assert metrics["calib_pearson"] > 0.8 and pearson(pred, calib[1]) > 0.8
+
+
+def test_dense_maps_fills_chunks_in_row_order_and_names_a_wrong_width():
+    import numpy as np
+    import polars as pl
+
+    from pipeline.train_regressor import _dense_maps
+
+    shape = (4, 2, 3, 2, 2)
+    rows = np.random.default_rng(0).random((7, int(np.prod(shape)))).astype(np.float32)
+    col = pl.Series("maps", rows.tolist(), dtype=pl.List(pl.Float32))
+    got = _dense_maps(col, shape, chunk=3)  # chunks of 3, 3, 1 rows
+    assert got.shape == (7, *shape) and got.dtype == np.float32
+    assert np.array_equal(got.reshape(7, -1), rows)
+    with pytest.raises(ValueError, match="maps of 96 values, expected 192"):
+        _dense_maps(col, (4, 2, 3, 2, 2, 2))

@@ -15,3 +15,20 @@ def default_paths(model: str, profile: str | None, regressor: str | None) -> tup
         if regressor is None and (ASSETS / "organism" / "regressor" / "regressor.json").exists():
             regressor = str(ASSETS / "organism" / "regressor")
     return profile, regressor
+
+
+def default_temperature(model: str, temperature: float | None) -> float:
+    """The sampling temperature when the user named none: the one recorded with the model in its
+    `acs_model.json` (the organism's, chosen on calib when it shipped), else 1.0."""
+    import json
+    import os
+
+    if temperature is not None:
+        return float(temperature)
+    path = ASSETS / "organism" if model == "organism" else Path(model)
+    meta = path / "acs_model.json"
+    if os.path.isdir(path) and meta.exists():
+        t = json.loads(meta.read_text()).get("temperature")
+        if t is not None:
+            return float(t)
+    return 1.0

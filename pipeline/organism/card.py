@@ -98,6 +98,20 @@ def premise_table(run: str | Path) -> str:
     return "\n".join(rows)
 
 
+def chosen_temperature(run: str | Path, step: int) -> float | None:
+    """The temperature chosen on calib for the checkpoint of `step`: the recipe's final choice, or
+    (a run stopped before its end, as shipped by ship.sh) the rule applied to that step's premise
+    over several temperatures. None when that step was never compared."""
+    log = read_log(run)
+    for r in reversed(log):
+        if r.get("final") and r["final"]["step"] == step:
+            return float(r["final"]["temperature"])
+    for r in reversed(log):
+        if r.get("premise") and len(r["premise"]) > 1 and r["step"] == step:
+            return float(choose_temperature(r["premise"]))
+    return None
+
+
 def final_text(run: str | Path) -> str:
     finals = [r["final"] for r in read_log(run) if r.get("final")]
     stops = [r["stopped"] for r in read_log(run) if r.get("stopped")]

@@ -146,6 +146,12 @@ def export_organism(ckpt_dir: str | Path, out_dir: str | Path, card: str | None 
         run = Path(run_dir)
         meta["recipe_spec"] = json.loads((run / "recipe.json").read_text())
         meta["recipe"] = meta["recipe_spec"]["name"]
+        from .card import chosen_temperature
+
+        # `acs label` and `acs ground` sample at it unless told otherwise (pipeline.assets).
+        t = chosen_temperature(run, meta["steps"])
+        if t is not None:
+            meta["temperature"] = t
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(run / "train_log.jsonl", out / "train_log.jsonl")
     save_checkpoint(model, processor, out, meta)

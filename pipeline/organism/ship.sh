@@ -3,8 +3,9 @@
 #   1. premise metrics of RUN/ckpt on calib per temperature, appended to RUN's log (the card reads
 #      them; the temperature with the most oracle room on small objects is chosen);
 #   2. export to pipeline/assets/organism (bf16 weights and the card made from the log);
-#   3. the results protocol (benchmarks/results.sh) at the chosen temperature, whose head profile
-#      (with localization heads) and regressor, fitted on train/calib only, ship beside the weights;
+#   3. the results protocol (benchmarks/results.sh, its full default sizes unless given) at the
+#      chosen temperature, whose head profile (with localization heads) and regressor, fitted on
+#      train/calib only, ship beside the weights;
 #   4. make demo (its report) and the README screenshot.
 # Then update the card template's prose and docs/results.md from the printed numbers.
 #
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${1:?usage: ship.sh RUN [N_TRAIN N_CALIB N_TEST OUT]}
-NTRAIN=${2:-60}; NCALIB=${3:-30}; NTEST=${4:-48}; OUT=${5:-out/results}
+NTRAIN=${2:-}; NCALIB=${3:-}; NTEST=${4:-}; OUT=${5:-out/results}  # empty: results.sh's defaults
 PY=${PY:-.venv/bin/python}
 export PY  # results.sh runs the CLI with it
 ASSET=pipeline/assets/organism

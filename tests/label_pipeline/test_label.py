@@ -407,3 +407,37 @@ def test_other_configuration_into_same_output_is_refused(ray_session, synthetic6
     (out / "_config.json").unlink()
     with pytest.raises(ConfigMismatch, match="no _config.json"):
         run()
+
+
+def test_evaluate_gt_attaches_what_label_wrote(synthetic_run, synthetic6):
+    """A run labelled without ground truth (a manifest or shards), evaluated with `--gt`, must read
+    exactly as the same run labelled from the COCO file: the boxes' and candidates' IoU, the
+    buckets, and so every table of `acs evaluate`."""
+    import polars as pl
+
+    from pipeline.evaluate import attach_gt, evaluate_run, label_quality, load_tables
+
+    boxes, cands = load_tables(synthetic_run["out"])
+    gt_cols = ["gt_x1", "gt_y1", "gt_x2", "gt_y2", "gt_area", "iou", "size_bucket"]
+    bare_boxes = boxes.with_columns(pl.lit(None, pl.Float64).alias(c) for c in gt_cols[:-1]).with_columns(
+        pl.lit(None, pl.String).alias("size_bucket"))
+    bare_cands = cands.with_columns(pl.lit(None, pl.Float64).alias("iou"))
+    got_boxes, got_cands = attach_gt(bare_boxes, bare_cands, synthetic6["ann"])
+
+    assert got_boxes.height == boxes.height == 21 and got_cands.height == cands.height
+    statuses = set(boxes["status"])
+    assert {"ok", "no_box"} <= statuses, statuses  # both paths: a box's IoU and a failed query's 0.0
+    key = ["query_id"]
+    a, b = boxes.sort(key), got_boxes.sort(key)
+    assert b["iou"].null_count() == 0
+    assert a["size_bucket"].to_list() == b["size_bucket"].to_list()
+    for c in gt_cols[:-1]:
+        assert a[c].to_numpy() == pytest.approx(b[c].to_numpy(), abs=1e-9), c
+    assert (b.filter(pl.col("status") != "ok")["iou"] == 0.0).all()
+    a, b = cands.sort("query_id", "cand_idx"), got_cands.sort("query_id", "cand_idx")
+    assert a["iou"].fill_null(-1).to_numpy() == pytest.approx(b["iou"].fill_null(-1).to_numpy(), abs=1e-9)
+    assert label_quality(got_boxes) == label_quality(boxes.filter(pl.col("gt_x1").is_not_null()))
+
+    direct, via_gt = evaluate_run(synthetic_run["out"]), evaluate_run(synthetic_run["out"], synthetic6["ann"])
+    for k in ("queries_with_gt", "table", "label_quality"):
+        assert via_gt[k] == direct[k], k
