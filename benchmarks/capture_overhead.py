@@ -4,7 +4,8 @@ Four variants run on the same encoded batch of Q queries, each producing K = N +
 exactly T generated tokens per query:
 
   sample           `sample()`: one prefill per query, KV cache repeated to K rows, decode loop
-  capture_profile  sample + `capture_rows` for the ACS-Free profile (`HeadProfile.default`)
+  capture_profile  sample + `capture_rows` for the ACS-Free profile (`--profile`, else
+                   `HeadProfile.default`)
   capture_all      sample + `capture_rows` for every layer x head
   naive_eager      a second, eager-attention instance of the same model:
                    `generate(num_return_sequences=K, output_attentions=True, ...)`
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="vision blocks (default: 2 for 7b, the shape's own for tiny); the vision "
                          "tower is identical across the sampling variants, shortening it keeps CPU runs short")
     ap.add_argument("--model", default=None, help="existing model directory (skips building one)")
+    ap.add_argument("--profile", default=None,
+                    help="ACS-Free head profile JSON for capture_profile (default: the layer-based default profile)")
     ap.add_argument("--num-candidates", type=int, default=10, help="sampled candidates N (K = N + 1)")
     ap.add_argument("--queries", type=int, default=4, help="queries Q in the batch")
     ap.add_argument("--image-size", default=None,
@@ -296,7 +299,9 @@ def _run(args, tmp: str) -> int:
         log(args, f"warning: {vis[0]} visual tokens per image, expected {expected_vis} for "
                   f"{args.width}x{args.height}; the model dir's processor max_pixels may be smaller")
 
-    profile = HeadProfile.default(adapter.model_id, nl, nh)
+    # A fitted profile's heads spread over the layers: capture reads the layers x heads they span,
+    # as Grounder does with --capture profile.
+    profile = HeadProfile.load(args.profile, nl, nh) if args.profile else HeadProfile.default(adapter.model_id, nl, nh)
     dev = adapter.model.device
     cfg = SamplingConfig(num_candidates=args.num_candidates, max_new_tokens=args.max_new_tokens,
                          seed=args.seed)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU run (about 8 minutes on one H200): the Qwen2.5-VL-7B-shaped random model in
-# bf16, N=10, ~1,000 visual tokens. Prints the capture overhead ratios, peak GPU memory and the
-# ACS stage's queries per second; every figure also as JSON lines in $OUT (default ./out/gpu).
+# bf16, N=10, ~1,000 visual tokens. Prints the capture overhead ratios, peak GPU memory, the ACS
+# stage's queries per second, the cost curves (N 1/5/10/20 on the organism; the 7B shape at three
+# image sizes, capture on and off) and box-only vs full decoding on the organism; every figure
+# also as JSON lines in $OUT (default ./out/gpu).
 #   bash benchmarks/gpu.sh [TEXT_LAYERS]
 set -euo pipefail
 LAYERS=${1:-28}
@@ -35,3 +37,8 @@ torch.cuda.synchronize(); dt = time.perf_counter() - t0
 print(json.dumps({"benchmark": "acs_stage_gpu", "queries": len(items), "seconds": dt,
                   "queries_per_s": len(items) / dt, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}))
 PY
+# Cost curves: N on the organism, image size on the full-depth 7B shape, capture on and off.
+$PY -m benchmarks.cost_curves --device cuda --dtype bf16 --queries 32 --reps 2 --size-layers "$LAYERS" --size-vision-layers 32 \
+    --size-queries 4 --sizes 640x480,1024x768,1280x960 | tee "$OUT/cost_curves.txt" | tail -n 1 > "$OUT/cost_curves.json"
+# Box-only vs full decoding on the organism (the 7B's random weights never close a box).
+$PY -m benchmarks.box_decoding --queries 96 --repeats 2 | tee "$OUT/box_decoding.txt" | tail -n 1 > "$OUT/box_decoding.json"

@@ -127,3 +127,28 @@ def test_export_coco_and_labelstudio(run, tmp_path):
         for r in t["predictions"][0]["result"]:
             v = r["value"]
             assert 0 <= v["x"] <= 100 and 0 < v["width"] <= 100 and v["rectanglelabels"] == ["red square"]
+
+
+def test_adaptive_k_replay_stops_where_candidates_agree(run):
+    """The offline replay of adaptive K (benchmarks.adaptive_k --from-runs) on the hand-made run."""
+    from benchmarks.adaptive_k import replay
+    from pipeline.evaluate import load_tables
+
+    boxes, cands = load_tables(str(run))
+    boxes = boxes.filter(pl.col("size_bucket").is_not_null())  # q-nogt has no ground truth
+    full = replay(boxes, cands, first=None)
+    scored = cands.filter(pl.col("query_id").is_in(boxes["query_id"].implode()))
+    assert full["stopped_early"] == 0 and full["queries"] == len(QUERIES) - 1
+    assert full["tokens"] == scored["n_tokens"].fill_null(0).sum()
+    # No pair of boxes agrees at IoU > 1: nothing stops, the replay is full N.
+    assert replay(boxes, cands, first=1, iou=1.01)["tokens"] == full["tokens"]
+    # At IoU 0 every query whose greedy and first sample are both boxes stops after them: all but
+    # q-nobox, which keeps its three candidates.
+    ad = replay(boxes, cands, first=1, iou=0.0)
+    assert ad["stopped_early"] == len(QUERIES) - 2
+    kept = scored.filter((pl.col("cand_idx") <= 1) | (pl.col("query_id") == "q-nobox"))
+    assert ad["tokens"] == kept["n_tokens"].fill_null(0).sum() < full["tokens"]
+    # Greedy is candidate 0 either way. The oracle keeps every hit: each query with a right box has
+    # one among its first two (q-help's sample 1 is at IoU 0.53 as well as sample 2).
+    assert ad["acc50"]["greedy"] == full["acc50"]["greedy"]
+    assert ad["acc50"]["oracle"] == full["acc50"]["oracle"] and full["acc50"]["oracle"]["small"] == pytest.approx(2 / 3)
