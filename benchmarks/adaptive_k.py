@@ -13,7 +13,8 @@ selector's small-object Acc@0.5 stays within `--max-small-drop` of full N there;
 `test`. The temperature defaults to the model's own (`acs_model.json`), as in `acs label`.
 
     # offline, from two labelled full-N runs (the results protocol's calib and test runs):
-    python -m benchmarks.adaptive_k --from-runs out/results/runs/calib out/results/runs/shapes-test
+    python -m benchmarks.adaptive_k --from-runs out/results/runs/calib out/results/runs/shapes-test \
+        --profile out/results/head_profile.json
 
 `--from-runs` replays adaptive K on what full N sampled: a query stops when greedy and its first m
 samples (cand_idx 0..m) agree, and then only those candidates are selected from and counted. It
@@ -98,6 +99,25 @@ def replay(boxes, cands, first: int | None, iou: float = 0.0) -> dict:
             "tokens": int(kept["n_tokens"].fill_null(0).sum()), "queries": boxes.height, "acc50": acc}
 
 
+def rescore_free(url: str, cands, profile_path: str):
+    """`score_acs_free` recomputed from the run's entropies with the heads of `profile_path`: a calib
+    run labelled before its profile was fitted scores ACS-Free with the default heads, and tuning
+    must select as the test run does."""
+    import numpy as np
+    import polars as pl
+
+    from pipeline.calibrate import entropy_matrix
+    from pipeline.scoring import HeadProfile
+
+    frame, ent, layers, heads = entropy_matrix(url)
+    per_head = ent.mean(1)  # over the 4 coordinate tokens: (M, L, H)
+    cols = [per_head[:, layers.index(l), heads.index(h)] for l, h in HeadProfile.load(profile_path).heads]
+    score = pl.DataFrame({"query_id": frame["query_id"], "cand_idx": frame["cand_idx"],
+                          "rescored": -np.mean(cols, axis=0)})
+    return (cands.join(score, on=["query_id", "cand_idx"], how="left")
+            .with_columns(pl.col("rescored").alias("score_acs_free")).drop("rescored"))
+
+
 def from_runs(args) -> int:
     import polars as pl
 
@@ -106,6 +126,8 @@ def from_runs(args) -> int:
 
     calib, test = (load_tables(u) for u in args.from_runs)
     calib = (calib[0].filter(pl.col("size_bucket").is_not_null()), calib[1])
+    if args.profile:
+        calib = (calib[0], rescore_free(args.from_runs[0], calib[1], args.profile))
     test = (test[0].filter(pl.col("size_bucket").is_not_null()), test[1])
     firsts = [int(m) for m in (args.tune_first or "1,2,3,4,5").split(",")]
     ious = [float(t) for t in (args.tune_iou or "0.5,0.6,0.7,0.8,0.9").split(",")]
@@ -122,6 +144,9 @@ def from_runs(args) -> int:
     print(f"replay on {args.from_runs[0]} ({calib[0].height} queries, {n_full} tokens at full N); "
           f"Acc@0.5 small/medium/large. Full N: " + "; ".join(
               f"{s} {v['small']:.3f}/{v['medium']:.3f}/{v['large']:.3f}" for s, v in full["acc50"].items()))
+    if sel not in full["acc50"]:
+        raise SystemExit(f"{args.from_runs[0]} has no {sel} scores to tune on (the results protocol labels calib "
+                         "without a regressor); choose another --selector")
     grid = [replay(*calib, first=m, iou=t) for m in firsts for t in ious]
     for r in grid:
         print("  " + line(r, n_full))
@@ -168,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=None, help="default: the model's own")
     ap.add_argument("--from-runs", nargs=2, metavar=("CALIB_RUN", "TEST_RUN"), default=None,
                     help="replay adaptive K on two labelled full-N runs instead of sampling")
+    ap.add_argument("--profile", default=None,
+                    help="with --from-runs: rescore calib's ACS-Free with this profile (the test run's)")
     args = ap.parse_args(argv)
     if args.from_runs:
         return from_runs(args)

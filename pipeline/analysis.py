@@ -8,6 +8,9 @@ writes them as tables for docs/results.md):
   with respect to each (layer, head)'s maps, on this run's candidates (fitting stays on train/calib;
   reading a trained regressor's gradients on test is analysis, not tuning).
 - Entropy by layer for high-, low- and zero-IoU candidates is `calibrate.layer_curves`.
+- How large the chosen box is against the object (median area ratio per selector and bucket): a
+  selector whose score prefers large boxes wins on large objects and loses on small ones, which a
+  per-bucket accuracy table shows only as its effect.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ def regressor_saliency(url: str, regressor_dir: str, storage_options: dict | Non
     return sal / max(sal.sum(), 1e-30), [int(x) for x in layers], [int(x) for x in heads]
 
 
+def selected_size(boxes: pl.DataFrame, cands: pl.DataFrame) -> list[dict]:
+    """Per selector, the median over queries of (chosen box area / ground-truth area) in each size
+    bucket and over all; 1 is the object's size. Queries without a chosen box are left out."""
+    from .evaluate import selector_rows
+
+    rows = selector_rows(boxes, cands)
+    area = cands.select("query_id", "cand_idx",
+                        ((pl.col("x2") - pl.col("x1")) * (pl.col("y2") - pl.col("y1"))).alias("area"))
+    gt = boxes.select("query_id", ((pl.col("gt_x2") - pl.col("gt_x1")) * (pl.col("gt_y2") - pl.col("gt_y1")))
+                      .alias("gt_area"))
+    j = (rows.join(area, on=["query_id", "cand_idx"], how="inner").join(gt, on="query_id")
+         .filter(pl.col("area").is_not_null() & (pl.col("gt_area") > 0))
+         .with_columns((pl.col("area") / pl.col("gt_area")).alias("ratio")))
+    out = []
+    for sel in rows["selector"].unique(maintain_order=True).to_list():
+        r = j.filter(pl.col("selector") == sel)
+        rec = {"selector": sel}
+        for b in (*BUCKETS, ALL):
+            v = r["ratio"] if b == ALL else r.filter(pl.col("size_bucket") == b)["ratio"]
+            rec[b] = float(v.median()) if v.len() else None
+        out.append(rec)
+    return out
+
+
 # ---------------------------------------------------------------------------------- markdown
 
 
@@ -127,3 +154,9 @@ def saliency_markdown(sal: np.ndarray, layers: list[int], heads: list[int], top:
     order = np.argsort(-sal, axis=None)[:top]
     best = ", ".join(f"L{layers[i // len(heads)]}H{heads[i % len(heads)]} {sal.flat[i]:.3f}" for i in order)
     return "\n".join(lines) + f"\n\nTop {top} heads by saliency share: {best}."
+
+
+def selected_size_markdown(rows: list[dict]) -> str:
+    lines = ["| selector | small | medium | large | all |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['selector']} | " + " | ".join(_f(r[b], ".2f") for b in (*BUCKETS, ALL)) + " |" for r in rows]
+    return "\n".join(lines)

@@ -400,6 +400,7 @@ def run_label(cfg: LabelConfig) -> dict:
                 "queries_pending": len(pending)}
     writer = ShardWriter(out, dict(expected), cfg.dump_maps)
     acs_seconds = gen_tokens = 0.0
+    t_first = None
     if pending:
         if not ray.is_initialized():
             ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False,
@@ -437,6 +438,10 @@ def run_label(cfg: LabelConfig) -> dict:
                                    "trust_remote_code": cfg.trust_remote_code, "dump_maps": cfg.dump_maps,
                                    "torch_threads": cfg.torch_threads or _auto_threads(cfg.actors)})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if t_first is None:
+                # Start-up: the actor process, its imports and model load, the executor's start;
+                # the first batch's own compute is work, not start-up.
+                t_first = time.time() - float(batch["acs_seconds"].sum())
             for i in range(len(batch["query_id"])):
                 writer.add(batch["shard_id"][i], batch["box"][i], list(batch["candidates"][i]),
                            list(batch["attention"][i]))
@@ -453,6 +458,7 @@ def run_label(cfg: LabelConfig) -> dict:
         "regressor": regressor, "source": source_key, "model_layout": _model_layout(cfg),
         "versions": _versions(), "counters": counters,
         "timings": {"list_s": t_listed - t_start, "total_s": t_end - t_start, "acs_actor_s": acs_seconds,
+                    "startup_s": None if t_first is None else t_first - t_listed,
                     "queries_per_s": len(pending) / max(1e-9, t_end - t_listed) if pending else None},
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
         "failed_shards": dict(sorted(writer.failed.items())),

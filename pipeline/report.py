@@ -804,7 +804,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     With a calibrated profile it adds ACS-Free by head count; with `regressor_path` and pooled maps
     the regressor's saliency by layer and head; `markdown` also writes these analyses as tables."""
     from .analysis import (head_count_curve, head_curve_markdown, layer_curves_markdown, ranking_from_profile,
-                           regressor_saliency, saliency_markdown)
+                           regressor_saliency, saliency_markdown, selected_size, selected_size_markdown)
     from .calibrate import layer_curves
     from .evaluate import evaluate_run
     from .scoring import HeadProfile
@@ -880,6 +880,9 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     run_selectors = set(boxes["selector"].drop_nulls().unique().to_list())
     header, info = _header_html(boxes, cands, ev, url, have_maps, profile_path)
     table = ev.get("table") or []
+    sizes = selected_size(boxes.filter(pl.col("gt_x1").is_not_null()), cands) if table else []
+    order = list(dict.fromkeys(r["selector"] for r in table))  # the accuracy table's order
+    sizes.sort(key=lambda r: order.index(r["selector"]) if r["selector"] in order else len(order))
 
     # ---- page
     title = f"ACS report: {', '.join(info['run_ids']) or url}"
@@ -890,6 +893,12 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     page.append("<h2>Selectors by object size</h2>")
     if table:
         page.append(table_html(table, run_selectors))
+        page.append("<h3>Chosen box area over the object's (median per query; 1 = the object's size)</h3>"
+                    "<table><tr><th>selector</th>" + "".join(f"<th>{b}</th>" for b in ("small", "medium", "large", "all"))
+                    + "</tr>" + "".join(
+                        f"<tr><td>{_t(r['selector'])}</td>" + "".join(
+                            f"<td>{'-' if r[b] is None else format(r[b], '.2f')}</td>"
+                            for b in ("small", "medium", "large", "all")) + "</tr>" for r in sizes) + "</table>")
     else:
         page.append(f'<div class="note">{_t(ev.get("note") or "no ground truth in this run: no accuracy table")}'
                     "</div>")
@@ -956,6 +965,8 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
             md += ["## Mean attention entropy by layer", "", layer_curves_markdown(curves, curve_layers), ""]
         if saliency is not None:
             md += ["## Regressor saliency by layer", "", saliency_markdown(*saliency), ""]
+        if sizes:
+            md += ["## Chosen box area over the object's (median per query)", "", selected_size_markdown(sizes), ""]
         _write_text(markdown, "\n".join(md), storage_options)
 
     n_png = text.count('src="data:image/png;base64,')
@@ -968,7 +979,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
         "gallery_queries": [e.query_id for e in entries],
         "changed_queries": totals,
         "heatmaps": sum(len(e.images) > 1 for e in entries), "png_images": n_png,
-        "has_maps": have_maps, "plots": plots, "head_curve": head_curve,
+        "has_maps": have_maps, "plots": plots, "head_curve": head_curve, "selected_size": sizes,
         "ece": None if reliability_ece is None or not math.isfinite(reliability_ece) else float(reliability_ece),
         "notes": notes + ([maps_note] if maps_note else []), "bytes": len(text.encode("utf-8")),
     }

@@ -152,3 +152,36 @@ def test_adaptive_k_replay_stops_where_candidates_agree(run):
     # one among its first two (q-help's sample 1 is at IoU 0.53 as well as sample 2).
     assert ad["acc50"]["greedy"] == full["acc50"]["greedy"]
     assert ad["acc50"]["oracle"] == full["acc50"]["oracle"] and full["acc50"]["oracle"]["small"] == pytest.approx(2 / 3)
+
+
+def test_selected_size_ratio_by_hand(run):
+    """Chosen box area over the object's, median per selector and bucket (report analysis)."""
+    from pipeline.analysis import selected_size
+    from pipeline.evaluate import load_tables
+
+    boxes, cands = load_tables(str(run))
+    rows = {r["selector"]: r for r in selected_size(boxes.filter(pl.col("gt_x1").is_not_null()), cands)}
+    free = rows["acs-free"]
+    # small: q-help's and q-missing's chosen boxes are the object's size (q-nobox has no box);
+    # medium: q-hurt's sample 1 is 40x30 against a 50x50 object; large: q-same's greedy 138x100 of 140x100.
+    assert free["small"] == pytest.approx(1.0)
+    assert free["medium"] == pytest.approx(1200 / 2500)
+    assert free["large"] == pytest.approx(13800 / 14000)
+    assert free["all"] == pytest.approx((1.0 + 13800 / 14000) / 2)
+    assert rows["greedy"]["medium"] == pytest.approx(48 * 48 / 2500)
+
+
+def test_paired_benchmark_pairs_any_two_selectors(run, capsys):
+    """benchmarks.paired against greedy agrees with `acs evaluate`'s own vs-greedy pairing."""
+    from benchmarks.paired import main
+    from pipeline.evaluate import evaluate_run
+
+    assert main([str(run), "--a", "acs-free", "--b", "greedy,oracle"]) == 0
+    rows = {(r["b"], r["bucket"]): r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    table = {(r["selector"], r["size_bucket"]): r for r in evaluate_run(str(run))["table"]}
+    for bucket in ("small", "medium", "large", "all"):
+        ours, theirs = rows["greedy", bucket], table["acs-free", bucket]["vs_greedy"]
+        assert (ours["n"], ours["won"], ours["lost"]) == (theirs["n"], theirs["won"], theirs["lost"])
+        assert ours["acc_diff"] == pytest.approx(theirs["acc_diff"])
+    # The oracle never loses to ACS-Free: ACS-Free wins nothing against it.
+    assert rows["oracle", "all"]["won"] == 0 and rows["oracle", "all"]["acc_diff"] <= 0

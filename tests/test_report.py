@@ -116,6 +116,9 @@ def test_report_with_maps(run_with_maps, tmp_path):
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     # Every selector has a row in the table, greedy first and oracle last.
     assert summary["table_selectors"][0] == "greedy" and summary["table_selectors"][-1] == "oracle"
+    # The chosen-box-size table covers the same selectors (tested by hand in test_evaluate_export).
+    assert [r["selector"] for r in summary["selected_size"]] == summary["table_selectors"]
+    assert "Chosen box area over the object" in text
     assert set(summary["table_selectors"]) == set(SELECTOR_COLUMNS)
     for sel in SELECTOR_COLUMNS:
         assert f'<td class="sel">{sel}' in text

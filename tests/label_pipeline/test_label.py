@@ -167,6 +167,8 @@ def test_run_json_counters_versions_timings(synthetic_run):
     t = j["timings"]
     assert 0 <= t["list_s"] <= t["total_s"] and t["total_s"] > 0 and t["queries_per_s"] > 0
     assert t["acs_actor_s"] > 0
+    # the job's fixed start-up (actor, model load) is reported apart from the work
+    assert 0 < t["startup_s"] < t["total_s"] - t["list_s"]
     cfg = j["config"]
     assert cfg["num_candidates"] == N and cfg["shard_size"] == 8 and cfg["storage_options"] == {}
     assert cfg["coco"] == synthetic_run["cfg"].coco and cfg["run_id"] == summary["run_id"]
