@@ -185,11 +185,12 @@ def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | N
                for k, v in reliability(p, t).items()}  # eval.json holds numbers, not numpy reprs
         out["regressor"] = {"pearson": pearson(p, t), "spearman": spearman(p, t), "n": int(len(p)),
                             "reliability": rel}
-    # No-box share of sampled candidates (diversity without garbage).
+    # No-box share of sampled candidates (diversity without garbage). Candidates adaptive K did
+    # not sample (`skipped`) are neither boxes nor failures: they are left out, not counted as no-box.
+    drawn = cands.filter((pl.col("cand_idx") > 0) & (pl.col("status") != "skipped"))
     out["no_box_share"] = {
         "greedy": float((cands.filter(pl.col("cand_idx") == 0)["status"] != "ok").mean()),
-        "sampled": float((cands.filter(pl.col("cand_idx") > 0)["status"] != "ok").mean())
-        if cands.filter(pl.col("cand_idx") > 0).height else None}
+        "sampled": float((drawn["status"] != "ok").mean()) if drawn.height else None}
     # Sampling cost, so adaptive K's saving is read next to its accuracy: candidates actually
     # sampled per query (adaptive K marks the ones it did not need `skipped`).
     sampled = cands.filter(pl.col("cand_idx") > 0)

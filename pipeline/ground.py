@@ -126,12 +126,15 @@ class Grounder:
             # Round 1: greedy + m samples. Queries whose candidates already agree stop there (large,
             # easy objects); the others get the remaining N - m samples in round 2.
             first = replace(cfg.sampling, num_candidates=cfg.adaptive_first)
-            cands, maps, tokens, enc, prompts = self._round(queries, first, True, "", timing)
+            kept = []  # round 1's prefill, taken before its capture consumes the prompt cache
+            cands, maps, tokens, enc, prompts = self._round(queries, first, True, "", timing, keep=kept)
             todo = [i for i, cs in enumerate(cands) if not _agree(cs, cfg.adaptive_iou)]
             if todo:
+                # Round 2 samples on round 1's prefill: the image and the prompt are not run again.
                 rest = replace(cfg.sampling, num_candidates=n - cfg.adaptive_first)
                 c2, m2, t2, _, _ = self._round([queries[i] for i in todo], rest, False, "#round2", timing,
-                                            first_idx=cfg.adaptive_first + 1)
+                                            first_idx=cfg.adaptive_first + 1,
+                                            reuse=(enc.select(todo), kept[0].select(todo)))
                 for j, i in enumerate(todo):
                     cands[i] += c2[j]
                     maps[i] += m2[j]
@@ -152,14 +155,23 @@ class Grounder:
             res.timings["generated_tokens"] = toks
         return results
 
-    def _round(self, queries, sampling: SamplingConfig, greedy: bool, salt: str, timing: dict, first_idx: int = 0):
+    def _round(self, queries, sampling: SamplingConfig, greedy: bool, salt: str, timing: dict, first_idx: int = 0,
+               keep: list | None = None, reuse: tuple | None = None):
         """Sample, parse and capture one round; per query: candidates, full maps, generated tokens,
-        and (capture "all", first round) the prompt's last token: (maps (L, H, gh, gw), mass (L, H))."""
+        and (capture "all", first round) the prompt's last token: (maps (L, H, gh, gw), mass (L, H)).
+        `keep` (a list) receives a copy of the round's `Prefill`; `reuse` = (Encoded, Prefill) of
+        these queries from an earlier round, which then is not encoded or prefilled again."""
         ad = self.adapter
         t0 = time.perf_counter()
-        enc = ad.encode([q.image for q in queries], [q.category for q in queries], opening=sampling.decode == "box")
+        if reuse is None:
+            enc, prefill = ad.encode([q.image for q in queries], [q.category for q in queries],
+                                     opening=sampling.decode == "box"), None
+        else:
+            enc, prefill = reuse
         t1 = time.perf_counter()
-        gen = sample(ad, enc, sampling, [q.query_id + salt for q in queries], greedy=greedy)
+        gen = sample(ad, enc, sampling, [q.query_id + salt for q in queries], greedy=greedy, prefill=prefill)
+        if keep is not None:
+            keep.append(gen.prefill.select(list(range(len(queries)))))
         t2 = time.perf_counter()
         k = gen.k
         opens = enc.opening_texts or [""] * len(queries)

@@ -51,6 +51,24 @@ class SamplingConfig:
 
 
 @dataclass
+class Prefill:
+    """The prompt's forward for a batch of queries, once: what a later round of sampling for some
+    of the same queries (adaptive K's second round) reuses instead of running the vision tower and
+    the prefill again."""
+
+    cache: DynamicCache  # the prompt's cache, one row per query
+    logits: torch.Tensor  # (Q, m + 1, V): the last prompt position and the forced opening's m
+    deltas: torch.Tensor  # (Q, 1): the rope offset the prefill computed (zeros without M-RoPE)
+
+    def select(self, idx: list[int]) -> "Prefill":
+        """A copy holding the queries `idx` (in that order); this one is left as it is."""
+        cache = copy.deepcopy(self.cache)
+        sel = torch.tensor(idx, dtype=torch.long, device=self.logits.device)
+        cache.batch_select_indices(sel)
+        return Prefill(cache, self.logits[sel], self.deltas[sel])
+
+
+@dataclass
 class Generation:
     """K rows per query, query-major: row q * K + k is candidate k of query q."""
 
@@ -62,6 +80,9 @@ class Generation:
     rope_deltas: torch.Tensor  # (Q*K, 1) position offset after the prompt (zeros without M-RoPE)
     n_generated: int  # decode steps over all rows (EOS counted; for cost accounting)
     decoded: list[int] | None = None  # per row: decode steps it took (EOS counted)
+    # the prefill's logits and deltas beside `cache` (the same object: capture_rows consumes it, so
+    # a round that reuses the prefill takes `prefill.select(...)` before the capture)
+    prefill: Prefill | None = None
 
 
 def query_seed(seed: int, key: str) -> int:
@@ -79,13 +100,16 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list[str],
-           greedy: bool = True) -> Generation:
+           greedy: bool = True, prefill: Prefill | None = None) -> Generation:
     """K = N + 1 rows per query (row 0 greedy), or K = N sampled rows with `greedy=False`.
 
     With `cfg.decode == "box"` a row also ends at its first token that closes a box
     (`Adapter.box_close_ids`). When `enc` carries forced openings, the random draws that full
     decoding would have spent on the opening's tokens are spent here too, so a query's samples are
-    the same as full decoding's whenever its rows would have written that opening themselves."""
+    the same as full decoding's whenever its rows would have written that opening themselves.
+
+    With `prefill` (an earlier round's, `Prefill.select`-ed to these queries) the prompt is not run
+    again; `enc` then needs only the token ids, mask and openings (`Encoded.select`)."""
     model = adapter.model
     k = cfg.num_candidates + (1 if greedy else 0)
     nq = len(query_keys)
@@ -95,21 +119,24 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     # Prefill: vision tower + prompt, once. Logits only where they are used (the last position, and
     # the forced opening's for the draws below): the whole prompt's would be batch x prompt x vocab,
     # about 3 GB at batch 8 for Qwen2.5-VL-7B's 152k vocabulary.
-    out = model(**adapter.prefill_inputs(enc), use_cache=True, logits_to_keep=m_max + 1)
-    prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    if prefill is None:
+        out = model(**adapter.prefill_inputs(enc), use_cache=True, logits_to_keep=m_max + 1)
+        prefill = Prefill(out.cache if hasattr(out, "cache") else out.past_key_values, out.logits,
+                          adapter.rope_deltas(enc))  # the deltas are state the prefill just set
+    prefix_cache = prefill.cache
     # The prompt's cache is kept for capture_rows; the decode loop extends (and compacts) a copy.
     cache = copy.deepcopy(prefix_cache)
     cache.batch_repeat_interleave(k)
-    deltas = adapter.rope_deltas(enc).repeat_interleave(k, 0)
+    deltas = prefill.deltas.repeat_interleave(k, 0)
     prefix_mask = enc.inputs["attention_mask"].repeat_interleave(k, 0)
-    logits = out.logits[:, -1].float().repeat_interleave(k, 0)  # (Q*K, V)
+    logits = prefill.logits[:, -1].float().repeat_interleave(k, 0)  # (Q*K, V)
     temp = max(cfg.temperature, 1e-5)
 
     # Generators live on the logits' device so sampling never copies rows x vocab to the host.
     gens = [torch.Generator(device=logits.device).manual_seed(query_seed(cfg.seed, q)) for q in query_keys]
     for q, opening in enumerate(openings):
         for j in range(len(opening)):  # the draws full decoding makes for the opening's tokens
-            probs = _filter_top_p(out.logits[q, j - len(opening) - 1].float() / temp, cfg.top_p).softmax(-1)
+            probs = _filter_top_p(prefill.logits[q, j - len(opening) - 1].float() / temp, cfg.top_p).softmax(-1)
             torch.multinomial(probs.expand(k, -1), 1, generator=gens[q])
     dev = logits.device
     eos = torch.tensor(adapter.eos_token_ids, device=dev)
@@ -166,7 +193,7 @@ def sample(adapter: Adapter, enc: Encoded, cfg: SamplingConfig, query_keys: list
     tok_lists = [tokens[r, :ends[r]].tolist() for r in range(rows)]
     lp_lists = [logps[r, :ends[r]].tolist() for r in range(rows)]
     return Generation(k=k, tokens=tok_lists, logprobs=lp_lists, cache=prefix_cache, mask=prefix_mask,
-                      rope_deltas=deltas, n_generated=sum(decoded), decoded=decoded)
+                      rope_deltas=deltas, n_generated=sum(decoded), decoded=decoded, prefill=prefill)
 
 
 @torch.inference_mode()

@@ -91,6 +91,9 @@ def test_evaluate_counts_adaptive_k_skips(run, tmp_path):
     sampled = cands.filter(pl.col("cand_idx") > 0)
     assert res["sampling"]["queries_stopped_early"] == 1
     assert res["sampling"]["skipped_share"] == pytest.approx(1 / sampled.height)
+    # a skipped candidate was never sampled: it is no no-box answer either
+    drawn = sampled.filter(pl.col("status") != "skipped")
+    assert res["no_box_share"]["sampled"] == pytest.approx((drawn["status"] != "ok").mean())
 
 
 def test_calibrate_prefers_sharp_heads(run, tmp_path):

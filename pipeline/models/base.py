@@ -35,6 +35,16 @@ class Encoded:
     openings: list[list[int]] | None = None
     opening_texts: list[str] | None = None
 
+    def select(self, idx: list[int]) -> "Encoded":
+        """The items `idx`, for a round that reuses their `Prefill`: token ids and mask only (a
+        family's image inputs are not laid out one row per item, and are not needed again)."""
+        sel = torch.tensor(idx, dtype=torch.long, device=self.inputs["input_ids"].device)
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return Encoded(inputs={k: self.inputs[k][sel] for k in ("input_ids", "attention_mask")},
+                       visual_positions=pick(self.visual_positions), grids=pick(self.grids),
+                       input_sizes=pick(self.input_sizes), orig_sizes=pick(self.orig_sizes),
+                       openings=pick(self.openings), opening_texts=pick(self.opening_texts))
+
 
 @dataclass
 class ParsedBox:
