@@ -1,6 +1,7 @@
 """`acs label` end to end (Ray Data, local instance) vs a plain in-process loop, same queries/model/N.
 
     python -m benchmarks.pipeline_vs_loop [--model organism] [--images 12] [--num-candidates 10]
+        [--actors 1 --cpus-per-actor 1]
 
 Both write nothing the other reads; the loop calls the same `Grounder` in batches of the same size,
 at the same (the model's own) temperature. Order alternates across --reps; medians; one JSON line
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--only", choices=("loop", "pipeline"), default=None, help="run one side (for a profiler)")
+    ap.add_argument("--actors", type=int, default=1, help="the job's ACS actors (acs label --actors)")
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0, help="acs label --cpus-per-actor")
     args = ap.parse_args(argv)
 
     from benchmarks.common import emit, median
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
             summary = run_label(LabelConfig(output=str(tmp / f"out{rep}"), coco=str(tmp / "data" / "annotations.json"),
                                             images=str(tmp / "data"), model=args.model,
                                             num_candidates=args.num_candidates, batch_size=args.batch_size,
+                                            actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                                             progress=False))
             return time.perf_counter() - t0, summary["timings"]["startup_s"]
 
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
                 times[name].append(loop() if name == "loop" else pipeline(rep))
         ray.shutdown()
         res = {"benchmark": "pipeline_vs_loop", "model": args.model, "queries": len(listed), "N": args.num_candidates,
-               "temperature": sampling.temperature, "reps": args.reps}
+               "temperature": sampling.temperature, "reps": args.reps, "actors": args.actors,
+               "cpus_per_actor": args.cpus_per_actor}
         for name, runs in times.items():
             if runs:
                 res[f"{name}_s"] = median([t for t, _ in runs])
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
             lm, pm = res["loop_s"], res["pipeline_s"]
             res.update(ratio=pm / lm, steady_ratio=(pm - res["pipeline_fixed_s"]) / (lm - res["loop_fixed_s"]),
                        queries_per_s_pipeline=len(listed) / pm)
-            print(f"{len(listed)} queries, N={args.num_candidates}, T {sampling.temperature:g}: loop {lm:.1f} s "
+            print(f"{len(listed)} queries, N={args.num_candidates}, T {sampling.temperature:g}, job with "
+                  f"{args.actors} actor(s) x {args.cpus_per_actor:g} CPU: loop {lm:.1f} s "
                   f"(model load {res['loop_fixed_s']:.1f} s), pipeline {pm:.1f} s (start-up "
                   f"{res['pipeline_fixed_s']:.1f} s): ratio {res['ratio']:.2f}, without the fixed costs "
                   f"{res['steady_ratio']:.2f} (Ray start-up excluded)")

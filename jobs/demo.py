@@ -17,6 +17,20 @@ import time
 from pathlib import Path
 
 
+def demo_actors(requested: int) -> tuple[int, float]:
+    """(actors, CPUs reserved per actor) for the demo's local Ray instance. On CPU the organism's
+    steps are small and bound by Python dispatch, so two single-threaded actors label faster than one
+    with two threads: 1.52x on 2 cores (docs/performance.md, "The job vs a plain loop"). Each keeps
+    its share of the CPUs minus one left for image decoding (`acs label` refuses to leave none)."""
+    import os
+
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    actors = requested or (2 if cpus >= 2 and not torch.cuda.is_available() else 1)
+    return actors, (max(cpus - 1, 1) / actors if actors > 1 else 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
     ap.add_argument("--out", default="out/demo")
@@ -24,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="organism")
     ap.add_argument("--num-candidates", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--actors", type=int, default=0,
+                    help="ACS actors (0: two single-threaded ones on a CPU machine with 2+ cores, else one)")
     ap.add_argument("--no-report", action="store_true", help="skip writing OUT/report.html")
     args = ap.parse_args(argv)
 
@@ -38,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     # Regenerated when the size or the scene geometry differs (a folder from before the v2 scenes).
     if (old.get("n_images"), old.get("geometry")) != (args.n_images, GEOMETRY):
         make_synthetic(str(data), "shapes", "test", args.n_images, seed=0)
+    actors, cpus_per_actor = demo_actors(args.actors)
     t0 = time.time()
     cfg = LabelConfig(output=str(out / "labels"), coco=str(data / "annotations.json"), images=str(data),
                       model=args.model, num_candidates=args.num_candidates, batch_size=args.batch_size,
-                      shard_size=64, progress=sys.stderr.isatty(),
+                      shard_size=64, progress=sys.stderr.isatty(), actors=actors, cpus_per_actor=cpus_per_actor,
                       # The report's heatmaps are drawn from the stored pooled maps. Always on, even
                       # with --no-report: the setting is part of the run's configuration record, and a
                       # flip would make the demo relabel from scratch.
