@@ -107,13 +107,15 @@ def rescore_free(url: str, cands, profile_path: str):
     import polars as pl
 
     from pipeline.calibrate import entropy_matrix
-    from pipeline.scoring import HeadProfile
+    from pipeline.scoring import HeadProfile, QueryArrays, score_acs_free
 
-    frame, ent, layers, heads = entropy_matrix(url)
-    per_head = ent.mean(1)  # over the 4 coordinate tokens: (M, L, H)
-    cols = [per_head[:, layers.index(l), heads.index(h)] for l, h in HeadProfile.load(profile_path).heads]
-    score = pl.DataFrame({"query_id": frame["query_id"], "cand_idx": frame["cand_idx"],
-                          "rescored": -np.mean(cols, axis=0)})
+    frame, ent, layers, heads = entropy_matrix(url)  # ok candidates only: every one has a box
+    prof = HeadProfile.load(profile_path)
+    # The run's entropy covers its captured layers x heads; index the profile's pairs in it.
+    prof = HeadProfile(prof.model_id, [(layers.index(l), heads.index(h)) for l, h in prof.heads])
+    n = frame.height
+    rescored = score_acs_free(QueryArrays(boxes=np.zeros((n, 4)), mean_logprob=np.zeros(n), entropy=ent), prof)
+    score = pl.DataFrame({"query_id": frame["query_id"], "cand_idx": frame["cand_idx"], "rescored": rescored})
     return (cands.join(score, on=["query_id", "cand_idx"], how="left")
             .with_columns(pl.col("rescored").alias("score_acs_free")).drop("rescored"))
 

@@ -24,6 +24,20 @@ import time
 from pathlib import Path
 
 
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, idle) CPU-seconds of the whole machine so far, from /proc/stat (Linux; else None):
+    whether a slower side left cores idle or fought for them."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / tick, (v[3] + v[4]) / tick
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_vs_loop", description=__doc__)
     ap.add_argument("--model", default="organism")
@@ -79,11 +93,16 @@ def main(argv=None) -> int:
 
         ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)  # started outside the timing
         times = {"loop": [], "pipeline": []}
+        cpu = {"loop": [], "pipeline": []}  # (busy, idle) CPU-s of the machine during each side
         sides = (args.only,) if args.only else ("loop", "pipeline")
         for rep in range(args.reps):
             order = sides if rep % 2 == 0 else sides[::-1]
             for name in order:
+                c0 = cpu_times()
                 times[name].append(loop() if name == "loop" else pipeline(rep))
+                c1 = cpu_times()
+                if c0 and c1:
+                    cpu[name].append((c1[0] - c0[0], c1[1] - c0[1]))
         ray.shutdown()
         res = {"benchmark": "pipeline_vs_loop", "model": args.model, "queries": len(listed), "N": args.num_candidates,
                "temperature": sampling.temperature, "reps": args.reps, "actors": args.actors,
@@ -92,6 +111,11 @@ def main(argv=None) -> int:
             if runs:
                 res[f"{name}_s"] = median([t for t, _ in runs])
                 res[f"{name}_fixed_s"] = median([f for _, f in runs])  # loop: model load; job: start-up
+            if cpu[name]:
+                res[f"{name}_cpu_busy_s"] = median([b for b, _ in cpu[name]])
+                res[f"{name}_cpu_idle_s"] = median([i for _, i in cpu[name]])
+                print(f"{name}: the machine's CPUs busy {res[f'{name}_cpu_busy_s']:.1f} s, idle "
+                      f"{res[f'{name}_cpu_idle_s']:.1f} s (CPU-seconds, median)")
         if len(times["loop"]) and len(times["pipeline"]):
             lm, pm = res["loop_s"], res["pipeline_s"]
             res.update(ratio=pm / lm, steady_ratio=(pm - res["pipeline_fixed_s"]) / (lm - res["loop_fixed_s"]),

@@ -134,7 +134,7 @@ class Grounder:
                 rest = replace(cfg.sampling, num_candidates=n - cfg.adaptive_first)
                 c2, m2, t2, _, _ = self._round([queries[i] for i in todo], rest, False, "#round2", timing,
                                             first_idx=cfg.adaptive_first + 1,
-                                            reuse=(enc.select(todo), kept[0].select(todo)))
+                                            reuse=(enc.select(todo), kept[0].select(todo, keep=False)))
                 for j, i in enumerate(todo):
                     cands[i] += c2[j]
                     maps[i] += m2[j]

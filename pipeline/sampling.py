@@ -60,9 +60,10 @@ class Prefill:
     logits: torch.Tensor  # (Q, m + 1, V): the last prompt position and the forced opening's m
     deltas: torch.Tensor  # (Q, 1): the rope offset the prefill computed (zeros without M-RoPE)
 
-    def select(self, idx: list[int]) -> "Prefill":
-        """A copy holding the queries `idx` (in that order); this one is left as it is."""
-        cache = copy.deepcopy(self.cache)
+    def select(self, idx: list[int], keep: bool = True) -> "Prefill":
+        """The queries `idx` (in that order). `keep`: as a copy, leaving this one as it is; else
+        this one's cache is narrowed in place (a copy that will not be used again)."""
+        cache = copy.deepcopy(self.cache) if keep else self.cache
         sel = torch.tensor(idx, dtype=torch.long, device=self.logits.device)
         cache.batch_select_indices(sel)
         return Prefill(cache, self.logits[sel], self.deltas[sel])
