@@ -18,9 +18,12 @@ class Batcher:
     """
 
     def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
-                 turns: int = 1, max_objects: int | None = None, size_mix=None):
+                 turns: int = 1, max_objects: int | None = None, size_mix=None, confusers=None,
+                 ask_share: float | None = None):
         self.adapter = adapter
+        self.ask_share = ask_share
         self.max_objects = max_objects
+        self.confusers = confusers
         self.size_mix = size_mix
         self.variant, self.split, self.seed = variant, split, seed
         self.turns = max(1, turns)
@@ -30,7 +33,7 @@ class Batcher:
         from .scenes import make_scene
 
         scene = make_scene(self.variant, self.split, index, seed=self.seed, max_objects=self.max_objects,
-                           size_mix=self.size_mix)
+                           size_mix=self.size_mix, confusers=self.confusers)
         queries = scene.queries()
         if not queries:
             return None
@@ -58,13 +61,26 @@ class Batcher:
         for qs, isz, osz in zip(turns, enc.input_sizes, enc.orig_sizes):
             segs = []
             for k, (cat, box) in enumerate(qs):
+                model_box = ad.from_original(box, isz, osz)
+                # A later turn may ask the other way round (`ask_share`): the box given, the category
+                # to name. Still grounding, read backwards: it makes the words and the visual tokens at
+                # a place meet in training, which the box answer alone never forces (its label is
+                # copied from the prompt). The first turn is always the inference prompt.
+                ask = bool(k and self.ask_share and self.rng.random() < self.ask_share)
                 if k:
-                    user = f"\n<|im_start|>user\n{ad.prompt(cat)}<|im_end|>\n<|im_start|>assistant\n"
+                    q = ask_prompt(model_box) if ask else ad.prompt(cat)
+                    user = f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
                     segs.append((tok(user, add_special_tokens=False)["input_ids"], False))
-                answer = ad.answer_text(ad.from_original(box, isz, osz), cat)
+                answer = cat if ask else ad.answer_text(model_box, cat)
                 segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
             conts.append(segs)
         return enc, conts, i
+
+
+def ask_prompt(box) -> str:
+    """The auxiliary turn's question: what is at this box (model coordinates, as the answers write them)."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return f"What is at [{x1}, {y1}, {x2}, {y2}] in the image? Answer with its name."
 
 
 def training_inputs(enc, conts, pad_id: int):

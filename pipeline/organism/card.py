@@ -64,16 +64,25 @@ def phases_table(run: str | Path) -> str:
 def metrics_table(run: str | Path) -> str:
     evals = [r for r in read_log(run) if r.get("eval")]
     rows = ["| step | phase | greedy Acc@0.5 small / medium / large (n) | mIoU small / medium / large | "
-            "greedy on the phase's curriculum scenes s / m / l | no-box | gap x1 / y1 / x2 / y2 | tower spread |",
-            "|---|---|---|---|---|---|---|---|"]
+            "greedy on the phase's curriculum scenes s / m / l | no-box | gap x1 / y1 / x2 / y2 | tower spread | "
+            "query dependence x1 / y1 / x2 / y2 | greedy on another object |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in evals:
         n = "/".join(str(r[b]["n"]) for b in ("small", "medium", "large"))
         mi = " / ".join(_f(r[b]["miou"], 2) for b in ("small", "medium", "large"))
         cur = _acc(r["curriculum_greedy"]) if "curriculum_greedy" in r else "-"
         dep = r["image_dependence"]
         rows.append(f"| {r['step']:,} | {r.get('phase', '')} | {_acc(r)} ({n}) | {mi} | {cur} | "
-                    f"{_f(r['no_box_share'], 2)} | {_gap(dep)} | {_f(dep['visual_content'], 2)} |")
+                    f"{_f(r['no_box_share'], 2)} | {_gap(dep)} | {_f(dep['visual_content'], 2)} | "
+                    f"{_gap(r['query_dependence']) if 'query_dependence' in r else '-'} | {_other_share(r)} |")
     return "\n".join(rows)
+
+
+def _other_share(rec: dict) -> str:
+    """Share of greedy answers on another object of the scene (logged since query binding was
+    measured; "-" before)."""
+    oc = (rec.get("outcomes") or {}).get("all")
+    return f"{oc['other_object'] / oc['n']:.2f}" if oc and oc["n"] else "-"
 
 
 def premise_rows(step: int, premise: dict) -> list[str]:

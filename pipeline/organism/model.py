@@ -55,15 +55,27 @@ class OrganismConfig:
     # 0.36-0.50 rad per column and x was learnt within 400 steps. The text is short (< 200 tokens),
     # so losing the low frequencies costs nothing measurable.
     rope_theta: float = 3.0
+    # (t, h, w) rotary pairs of a head (Qwen2.5-VL's `mrope_section`; they sum to head_dim / 2).
+    # None: t a quarter, h and w the rest split evenly (4 / 6 / 6 at head 32). Qwen2.5-VL gives t
+    # the highest frequencies and w the lowest, so at theta 3 every pair turns by >= 0.36 rad per
+    # position: no channel is free of position, and a word cannot be matched to the visual tokens
+    # of the same colour wherever they sit (the binding failure of organism v2, its model card).
+    mrope_section: list[int] | None = None
 
 
 def organism_configs(oc: OrganismConfig, tokenizer):
     head_dim = oc.text_hidden // oc.text_heads
     # M-RoPE splits head_dim / 2 rotary frequencies across (t, h, w); 7B uses 16/24/24 of 64.
     half = head_dim // 2
-    t_sec = half // 4
-    hw = (half - t_sec) // 2
-    mrope = [t_sec, hw, half - t_sec - hw]
+    if oc.mrope_section is None:
+        t_sec = half // 4
+        hw = (half - t_sec) // 2
+        mrope = [t_sec, hw, half - t_sec - hw]
+    else:
+        mrope = [int(v) for v in oc.mrope_section]
+        if len(mrope) != 3 or sum(mrope) != half or min(mrope) < 1:
+            raise ValueError(f"mrope_section must be 3 positive counts summing to head_dim / 2 = {half}, "
+                             f"got {oc.mrope_section}")
     text = dict(hidden_size=oc.text_hidden, intermediate_size=oc.text_ffn,
                 num_hidden_layers=oc.text_layers, num_attention_heads=oc.text_heads,
                 num_key_value_heads=oc.text_kv_heads, rms_norm_eps=1e-6, max_position_embeddings=4096,

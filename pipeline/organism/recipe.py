@@ -29,11 +29,22 @@ class Phase:
     # Training scenes' (small, medium, large) shares when sampling object sizes; None: the
     # benchmark's own mix. More small objects is more gradient where the organism is weakest.
     size_mix: tuple[float, float, float] | None = None
+    # Share of training scenes whose other objects each share the colour or the shape of one
+    # object (`scenes.make_scene(confusers=...)`): an answer that reads one word of the query is
+    # then wrong as often as a random pick. None: the benchmark's own draw.
+    confusers: float | None = None
+    # Share of the later turns of a training chat that ask the other way round: "what is at
+    # [box]?", answered with the category (`batcher.ask_prompt`). None: none do.
+    ask_share: float | None = None
     # The tower stays fixed (no backward through it) until the language model reads its features:
     # trained jointly from random weights, it collapsed to one constant vector (finding 1).
     train_vision: bool = True
     vision_lr_scale: float = 1.0
     text_lr_scale: float = 1.0
+    # The length the warm-up + cosine schedule is laid over, when a phase was ended before it ran
+    # out (a later phase branched off mid-way): the steps it did train keep their learning rates,
+    # so the recipe still reruns exactly. None: `steps`.
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
@@ -41,6 +52,10 @@ class Phase:
                              f"0 <= min_lr_frac <= 1 are required")
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"phase {self.name!r}: max_objects must be >= 1 or null")
+        if self.confusers is not None and not 0 <= self.confusers <= 1:
+            raise ValueError(f"phase {self.name!r}: confusers must be a share in [0, 1] or null")
+        if self.ask_share is not None and not 0 <= self.ask_share <= 1:
+            raise ValueError(f"phase {self.name!r}: ask_share must be a share in [0, 1] or null")
         if self.size_mix is not None:
             mix = tuple(float(v) for v in self.size_mix)
             if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
@@ -53,7 +68,7 @@ class Phase:
 
         if step_in_phase < self.warmup:
             return self.lr * (step_in_phase + 1) / self.warmup
-        frac = (step_in_phase - self.warmup) / max(1, self.steps - self.warmup)
+        frac = (step_in_phase - self.warmup) / max(1, (self.schedule_steps or self.steps) - self.warmup)
         cos = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * cos)
 
@@ -159,6 +174,12 @@ def same_settings(a: Recipe, b: Recipe) -> bool:
     """The settings that shape every phase's training (evaluation settings may differ)."""
     key = lambda r: (r.seed, r.batch_size, r.turns, r.bf16_autocast, r.model)  # noqa: E731
     return key(a) == key(b)
+
+
+def cut_short(trained: Phase, now: Phase) -> bool:
+    """`now` is `trained` ended early: the same phase on the same schedule, fewer steps."""
+    sched = lambda p: {**asdict(p), "steps": 0, "schedule_steps": p.schedule_steps or p.steps}  # noqa: E731
+    return now.steps <= trained.steps and sched(now) == sched(trained)
 
 
 def shared_prefix(a: Recipe, b: Recipe) -> int:

@@ -334,14 +334,32 @@ def _distractor(rng: np.random.Generator, category: str) -> tuple[str | np.ndarr
     return shape, tuple(int(v) for v in shade)
 
 
+def _confuse(rng: np.random.Generator, cats: list[str], share: str | None) -> list[str]:
+    """Redraw cats[1:] so each shares one attribute with cats[0] (`share` "colour": the same
+    colour, another shape; "shape": the same shape; None: either, at random per object), all
+    distinct: the query is then answered only by reading both of its words."""
+    colour0, shape0 = cats[0].split(" ")
+    out = [cats[0]]
+    for _ in cats[1:]:
+        kind = share or ("colour" if rng.random() < 0.5 else "shape")
+        pool = ([f"{colour0} {s}" for s in SHAPES] if kind == "colour" else [f"{c} {shape0}" for c in COLOURS])
+        pool = [c for c in pool if c not in out]
+        out.append(pool[int(rng.integers(len(pool)))])
+    return out
+
+
 def make_scene(variant: str, split: str, index: int, seed: int = 0,
-               max_objects: int | None = None, size_mix: tuple[float, float, float] | None = None) -> Scene:
+               max_objects: int | None = None, size_mix: tuple[float, float, float] | None = None,
+               confusers: float | str | None = None) -> Scene:
     """Render scene ``index`` of (variant, split); deterministic in all its arguments.
 
     `max_objects` (a training curriculum only; the published splits never set it) draws 1 to
     `max_objects` objects instead of 2 to `MAX_OBJECTS`: a scene of one object lets a model from scratch learn
     where things are before it must also learn which one was asked for. `size_mix` (training only,
-    too) replaces the variant's (small, medium, large) shares of object sizes."""
+    too) replaces the variant's (small, medium, large) shares of object sizes. `confusers` (training
+    and probes only) makes the other objects share an attribute with the first: a probability per
+    scene (either attribute, per object), or "colour" / "shape" for every scene (that attribute
+    shared, so only the other one tells the objects apart)."""
     _check(variant, split)
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
@@ -351,6 +369,12 @@ def make_scene(variant: str, split: str, index: int, seed: int = 0,
 
     k = int(rng.integers(2, MAX_OBJECTS + 1)) if max_objects is None else int(rng.integers(1, max_objects + 1))
     cats = [CATEGORIES[i] for i in rng.choice(len(CATEGORIES), k, replace=False)]
+    if isinstance(confusers, str):
+        if confusers not in ("colour", "shape"):
+            raise ValueError(f"confusers must be a probability, 'colour' or 'shape', got {confusers!r}")
+        cats = _confuse(rng, cats, confusers)
+    elif confusers is not None and rng.random() < confusers:  # draws nothing when unset: splits unchanged
+        cats = _confuse(rng, cats, None)
     if k >= 3 and rng.random() < 0.25:
         cats[-1] = cats[0]  # a repeated category: annotated, but not a valid query
     plans = []
@@ -499,15 +523,22 @@ def make_synthetic(out_dir: str, variant: str, split: str, n: int, seed: int = 0
 def grounding_queries(variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> list:
     """The first `n` unambiguous queries of a split, in memory: (`pipeline.ground.Query`, gt area).
     `max_objects` draws them from the training curriculum's scenes of 1 to K objects instead."""
+    return [(q, area) for q, area, _ in scene_queries(variant, split, n, seed, max_objects)]
+
+
+def scene_queries(variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> list:
+    """`grounding_queries` with, for each query, the xyxy boxes of every *other* object of its scene
+    (to tell an answer on another object from a mislocalised one: `metrics.answer_outcomes`)."""
     from ..ground import Query
 
     out, i = [], 0
     tag = "" if max_objects is None else f"-k{max_objects}"
     while len(out) < n:
         scene = make_scene(variant, split, i, seed=seed, max_objects=max_objects)
+        boxes = [(x, y, x + w, y + h) for x, y, w, h in (o.bbox for o in scene.objects)]
         for cat, obj in scene.queries():
-            x, y, w, h = obj.bbox
-            out.append((Query(f"{variant}-{split}{tag}-{i}:{cat}", scene.image, cat, (x, y, x + w, y + h)),
-                        obj.area))
+            k = next(j for j, o in enumerate(scene.objects) if o is obj)
+            out.append((Query(f"{variant}-{split}{tag}-{i}:{cat}", scene.image, cat, boxes[k]), obj.area,
+                        [b for j, b in enumerate(boxes) if j != k]))
         i += 1
     return out[:n]

@@ -24,8 +24,8 @@ import torch
 
 from .batcher import Batcher, training_inputs
 from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size
-from .probes import _content, greedy_eval, image_dependence, premise_eval
-from .recipe import Recipe, choose_temperature, recipe_from_dict, same_settings, shared_prefix
+from .probes import _content, greedy_eval, image_dependence, premise_eval, query_dependence
+from .recipe import Recipe, choose_temperature, cut_short, recipe_from_dict, same_settings, shared_prefix
 
 REWARM_STEPS = 20  # learning-rate ramp after --init-from (fresh optimizer moments)
 LOG_EVERY = 20
@@ -86,7 +86,12 @@ def _check_resumable(done: Recipe, now: Recipe, step: int) -> None:
     what was trained: the phases before `step`'s phase in the new recipe must be those trained,
     and `step`'s own phase, if partly trained, may differ only in its length."""
     i_now = len(now.phases) if step >= now.total_steps else now.phase_at(step)[0]
-    ok = same_settings(done, now) and shared_prefix(done, now) >= min(i_now, len(done.phases))
+    n = shared_prefix(done, now)
+    ok = same_settings(done, now) and n >= min(i_now, len(done.phases))
+    if not ok and same_settings(done, now) and n == i_now - 1 and n < len(done.phases):
+        # The phase before `step` was ended here, on its own schedule (`Phase.schedule_steps`), for
+        # a new phase to branch off: nothing trained is rewritten.
+        ok = now.phase_end(n) == step and cut_short(done.phases[n], now.phases[n])
     started = i_now < len(now.phases) and step > (now.phase_end(i_now - 1) if i_now else 0)
     if ok and started and i_now < len(done.phases):
         ok = {**asdict(done.phases[i_now]), "steps": 0} == {**asdict(now.phases[i_now]), "steps": 0}
@@ -167,7 +172,8 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
         if (out / "recipe.json").exists():
             _check_resumable(recipe_from_dict(json.loads((out / "recipe.json").read_text())), recipe, state["step"])
         saved = json.loads((ckpt / "acs_model.json").read_text())["organism_config"]
-        if saved != asdict(oc):
+        # Fields added to OrganismConfig later take their defaults in older checkpoints.
+        if {**asdict(OrganismConfig()), **saved} != asdict(oc):
             raise ValueError(f"the checkpoint in {ckpt} is of another architecture ({saved}) than the recipe's")
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(ckpt)
@@ -222,10 +228,13 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
         t0 = time.time()
         rec = {"step": state["step"], "phase": phase.name, "eval": "shapes/calib greedy",
                **greedy_eval(adapter, "shapes", "calib", recipe.eval_n),
-               "image_dependence": image_dependence(adapter)}
+               "image_dependence": image_dependence(adapter),
+               "query_dependence": query_dependence(adapter, n=recipe.eval_n)}
         if phase.max_objects:
             rec["curriculum_greedy"] = greedy_eval(adapter, "shapes", "calib", recipe.eval_n,
                                                    max_objects=phase.max_objects)
+            if phase.max_objects >= 2:
+                rec["curriculum_query_dependence"] = query_dependence(adapter, n=48, max_objects=phase.max_objects)
         result = None
         if premise:
             temps = temperatures or (recipe.temperature,)
@@ -244,7 +253,8 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     while state["step"] < recipe.total_steps and not state.get("stopped"):
         step = state["step"]
         index, phase, k = recipe.phase_at(step)
-        batcher.max_objects, batcher.size_mix = phase.max_objects, phase.size_mix
+        batcher.max_objects, batcher.size_mix, batcher.confusers = phase.max_objects, phase.size_mix, phase.confusers
+        batcher.ask_share = phase.ask_share
         batcher.rng.seed(recipe.seed * 1_000_003 + step)  # the same queries after a resume
         enc, answers, nxt = batcher.batch(state["next_index"], recipe.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)

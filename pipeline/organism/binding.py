@@ -1,0 +1,253 @@
+"""Why does an organism box *an* object but not the one asked for? Probes of query binding, run on a
+checkpoint (nothing is trained): each isolates one link of the chain from the query's words to the
+answer's first coordinate.
+
+- `linear_probe`: are colour and shape in the visual tokens at all (at the tower's output and in
+  the language model's hidden states at the object's position)? If not, the tower is to blame.
+- `pair_probe`: two-object scenes whose objects differ only in colour, or only in shape: does
+  greedy pick the queried one? Chance is 1/2; which attribute is read shows here.
+- `prompt_attention`: from the position that writes the first coordinate, how much attention goes
+  to the query's colour word, its shape word, the rest of the prompt and the image, per layer?
+- `rotary_table`: the radians each rotary pair turns per position: a pair that turns fast cannot
+  match a word to the visual tokens of the same colour wherever they sit in the image.
+
+`python -m pipeline.organism.binding CKPT` prints them all as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+
+def _words(adapter, category: str) -> tuple[list[int], list[int]]:
+    """Token ids of the category's colour and shape words as they appear in the prompt (after a
+    space)."""
+    colour, shape = category.split(" ")
+    tok = adapter.tokenizer
+    return (tok(" " + colour, add_special_tokens=False)["input_ids"],
+            tok(" " + shape, add_special_tokens=False)["input_ids"])
+
+
+def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def tokenization(adapter) -> dict:
+    """Each colour and shape word's tokens in the prompt: a word split into pieces that other
+    words share (or an unknown token) would make the query unreadable before any learning."""
+    from .scenes import COLOURS, SHAPES
+
+    tok = adapter.tokenizer
+    words = {w: tok.convert_ids_to_tokens(tok(" " + w, add_special_tokens=False)["input_ids"])
+             for w in (*COLOURS, *SHAPES)}
+    return {"tokens": words, "all_single_token": all(len(v) == 1 for v in words.values()),
+            "distinct": len({tuple(v) for v in words.values()}) == len(words)}
+
+
+@torch.inference_mode()
+def pair_probe(adapter, n: int = 96, seed: int = 0) -> dict:
+    """Greedy answers on two-object scenes: objects of the same colour (only the shape tells them
+    apart), of the same shape (only the colour does), and unconstrained, each queried for one of
+    its two objects. `picks_target` = right / (right + other object): 0.5 is a coin toss."""
+    from ..ground import Query
+    from ..metrics import answer_outcomes
+    from ..sampling import SamplingConfig, sample
+    from .scenes import make_scene
+
+    was = adapter.model.training
+    adapter.model.eval()
+    out = {}
+    for share in ("colour", "shape", None):
+        items, i = [], 0
+        while len(items) < n:
+            scene = make_scene("shapes", "calib", i, seed=seed, max_objects=2,
+                               confusers=share if share else None)
+            qs = scene.queries()
+            if len(qs) == 2:
+                k = i % 2  # alternate which of the two is asked for
+                boxes = [(x, y, x + w, y + h) for x, y, w, h in (o.bbox for _, o in qs)]
+                items.append((Query(f"pair-{share}-{i}", scene.image, qs[k][0], boxes[k]), [boxes[1 - k]]))
+            i += 1
+        pred = []
+        for b in range(0, n, 16):
+            chunk = items[b:b + 16]
+            enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
+            gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
+                         [q.query_id for q, _ in chunk])
+            for j in range(len(chunk)):
+                _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
+                pred.append(parsed.box if parsed.box is not None else (float("nan"),) * 4)
+        oc = answer_outcomes(np.array(pred), np.array([q.gt for q, _ in items]), [o for _, o in items])
+        counts = {o: int((oc == o).sum()) for o in ("right", "other_object", "near", "nowhere", "no_box")}
+        decided = counts["right"] + counts["other_object"]
+        out[f"same_{share}" if share else "unconstrained"] = {
+            **counts, "n": n, "picks_target": counts["right"] / decided if decided else None}
+    adapter.model.train(was)
+    return out
+
+
+@torch.inference_mode()
+def prompt_attention(adapter, n: int = 48, seed: int = 0) -> dict:
+    """Attention from the position that writes x1 (the end of the answer's forced opening), per
+    layer, averaged over heads and queries: shares on the query's colour word, its shape word, the
+    rest of the prompt text, the image's tokens, and the answer's opening."""
+    from .scenes import grounding_queries
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    text_cfg = model.config.get_text_config()
+    impl = text_cfg._attn_implementation
+    # The language model only (sdpa returns no weights); the tower keeps its own implementation.
+    text_cfg._attn_implementation = "eager"
+    try:
+        items = grounding_queries("shapes", "calib", n, seed=seed)
+        sums = None
+        for b in range(0, n, 8):
+            chunk = [q for q, _ in items[b:b + 8]]
+            enc = adapter.encode([q.image for q in chunk], [q.category for q in chunk], opening=True)
+            att = model(**enc.inputs, output_attentions=True).attentions  # per layer (B, H, T, T)
+            ids = enc.inputs["input_ids"]
+            mask = enc.inputs["attention_mask"]
+            for j, q in enumerate(chunk):
+                seq = ids[j].tolist()
+                colour, shape = _words(adapter, q.category)
+                c0 = _find(seq, colour)
+                s0 = _find(seq, shape, max(c0, 0) + len(colour))
+                vis = enc.visual_positions[j]
+                first = int(mask[j].nonzero()[0])
+                opening = len(enc.openings[j]) if enc.openings else 0
+                seg = torch.zeros(len(seq), dtype=torch.long)  # 0 other prompt text
+                seg[vis] = 1
+                if c0 >= 0:
+                    seg[c0:c0 + len(colour)] = 2
+                if s0 >= 0:
+                    seg[s0:s0 + len(shape)] = 3
+                seg[len(seq) - opening:] = 4
+                seg[:first] = 5  # padding: gets no attention
+                rows = torch.stack([a[j, :, -1].float().mean(0) for a in att])  # (L, T)
+                per = torch.stack([rows[:, seg == k].sum(1) for k in range(5)], 1)  # (L, 5)
+                sums = per if sums is None else sums + per
+        names = ("other_prompt", "image", "colour_word", "shape_word", "answer_opening")
+        mean = (sums / n).tolist()
+        return {"layers": [{k: round(v, 4) for k, v in zip(names, layer)} for layer in mean]}
+    finally:
+        text_cfg._attn_implementation = impl
+        model.train(was)
+
+
+def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8)) -> dict:
+    """Softmax-regression accuracy of colour and shape read from the visual token under each
+    object's box centre: at the tower's output and at the language model's hidden states of that
+    position after the given layers (75% / 25% split of the objects, by scene). Chance: 1/8 and
+    1/6. The centre token of a large shape sees its flat interior, not its outline, so shape reads
+    lower here than what several tokens together hold."""
+    from .probes import _visual_tokens
+    from .scenes import COLOURS, SHAPES, make_scene
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    feats: dict[str, list] = {"tower": []}
+    feats.update({f"lm_layer_{k}": [] for k in layers})
+    colours, shapes, scene_of = [], [], []
+    for b in range(0, n_scenes, 8):
+        scenes = [make_scene("shapes", "calib", i, seed=seed) for i in range(b, min(b + 8, n_scenes))]
+        enc = adapter.encode([s.image for s in scenes], ["red circle"] * len(scenes))
+        with torch.no_grad():  # not inference_mode: the probes below fit on these tensors
+            vis = _visual_tokens(model, enc)
+            hidden = model(**enc.inputs, output_hidden_states=True).hidden_states
+        off = 0
+        for j, s in enumerate(scenes):
+            gh, gw = enc.grids[j]
+            (ih, iw), (oh, ow) = enc.input_sizes[j], enc.orig_sizes[j]
+            for o in s.objects:
+                x, y, w, h = o.bbox
+                col = min(gw - 1, int((x + w / 2) * iw / ow / (iw / gw)))
+                row = min(gh - 1, int((y + h / 2) * ih / oh / (ih / gh)))
+                t = row * gw + col
+                feats["tower"].append(vis[off + t])
+                for k in layers:
+                    feats[f"lm_layer_{k}"].append(hidden[k][j, enc.visual_positions[j][t]].float())
+                c, sh = o.category.split(" ")
+                colours.append(list(COLOURS).index(c))
+                shapes.append(SHAPES.index(sh))
+                scene_of.append(b + j)
+            off += gh * gw
+    model.train(was)
+    scene_of = np.array(scene_of)
+    rng = np.random.default_rng(seed)
+    test_scenes = set(rng.choice(n_scenes, n_scenes // 4, replace=False).tolist())
+    test = torch.tensor([s in test_scenes for s in scene_of])
+    out = {"objects": int(len(scene_of)), "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}
+    for where, xs in feats.items():
+        x = torch.stack(xs)
+        x = (x - x[~test].mean(0)) / x[~test].std(0).clamp_min(1e-6)
+        out[where] = {name: round(_softmax_regression(x, torch.tensor(y), test), 3)
+                      for name, y in (("colour", colours), ("shape", shapes))}
+    return out
+
+
+def _softmax_regression(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, steps: int = 300) -> float:
+    """Held-out accuracy of an L2-regularised linear classifier fitted by L-BFGS."""
+    with torch.enable_grad():
+        w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+        bias = torch.zeros(int(y.max()) + 1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, bias], max_iter=steps, line_search_fn="strong_wolfe")
+        xt, yt = x[~test], y[~test]
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xt @ w + bias, yt) + 1e-3 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return float(((x[test] @ w + bias).argmax(1) == y[test]).float().mean())
+
+
+def rotary_table(adapter) -> dict:
+    """Radians per position of each rotary pair of a text head, and the section (t, h, w) that
+    drives it: for the image's tokens t is constant, so a pair is free of image position only
+    if it is in t's section or turns slowly (here: under 0.1 rad a position)."""
+    cfg = adapter.model.config.get_text_config()
+    rp = cfg.rope_parameters
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv = 1.0 / (rp["rope_theta"] ** (np.arange(0, head, 2) / head))
+    sec = rp.get("mrope_section", [16, 24, 24])
+    owner = [name for name, k in zip("thw", sec) for _ in range(k)]
+    slow = [f for f, o in zip(inv, owner) if o != "t" and f < 0.1]
+    return {"rope_theta": rp["rope_theta"], "mrope_section": list(sec), "head_dim": head,
+            "rad_per_position": {o: [round(float(f), 3) for f, oo in zip(inv, owner) if oo == o] for o in "thw"},
+            "pairs_free_of_image_position": sec[0] + len(slow)}
+
+
+def run_all(path: str, n: int = 96, print_fn=None) -> dict:
+    """Every probe on one checkpoint; `print_fn` gets each result as it comes (the linear probe,
+    last, is the slow one: ~300 forwards)."""
+    from ..models.base import load_adapter
+
+    adapter = load_adapter(path, device="cpu", dtype="fp32")
+    out = {"checkpoint": path}
+    for name, fn in (("tokenization", lambda: tokenization(adapter)), ("rotary", lambda: rotary_table(adapter)),
+                     ("pairs", lambda: pair_probe(adapter, n=n)),
+                     ("prompt_attention", lambda: prompt_attention(adapter, n=min(n, 48))),
+                     ("linear_probe", lambda: linear_probe(adapter))):
+        out[name] = fn()
+        if print_fn:
+            print_fn(json.dumps({name: out[name]}))
+    return out
+
+
+if __name__ == "__main__":
+    res = run_all(sys.argv[1] if len(sys.argv) > 1 else "pipeline/assets/organism", print_fn=print)
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            json.dump(res, f, indent=1)
