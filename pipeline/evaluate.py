@@ -176,6 +176,11 @@ def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | N
     rows = selector_rows(with_gt, cands)
     out["table"] = selector_table(rows)
     out["selectors"] = sorted(rows["selector"].unique().to_list())
+    landing, why = _landing(url, boxes, cands, with_gt, rows, gt_json, storage_options)
+    if landing:
+        out["outcomes"] = landing
+    else:
+        out["outcomes_note"] = why
     ok = cands.filter(pl.col("status") == "ok")
     # The regressor's quality, where one scored the run.
     if "score_acs_learned" in ok.columns and ok["score_acs_learned"].drop_nulls().drop_nans().len() > 1:
@@ -217,3 +222,190 @@ def evaluate_run(url: str, gt_json: str | None = None, storage_options: dict | N
     out["coco_ap"]["selector"] = boxes["selector"].drop_nulls()[0] if boxes.height else None
     out["label_quality"] = label_quality(with_gt)
     return out
+
+
+# ----------------------------------------------------------------- where the answers landed
+
+def recorded_annotations(url: str, boxes: pl.DataFrame, storage_options: dict | None = None) -> str | None:
+    """The COCO file a run was labelled from (`acs label --coco`): what its `_runs/RUN_ID.json`
+    records, else the output's `_config.json` (written before the first shard, so a run that never
+    finished has it too). None for runs labelled from a manifest or shards."""
+    from .label import CONFIG_RECORD
+    from .storage import SAFE_NAME, Output
+
+    out = Output(url, storage_options)
+    run_ids = sorted(boxes["run_id"].drop_nulls().unique().to_list()) if "run_id" in boxes.columns else []
+    # Output refuses to write a record under any other name, so there is none to read.
+    run_ids = [r for r in run_ids if SAFE_NAME.match(f"{r}.json")]
+    records = [r for r in (out.read_json("_runs", f"{rid}.json") for rid in run_ids) if r]
+    cocos = [(r.get("config") or {}).get("coco") for r in records]
+    if not records:
+        cocos = [(out.read_json(CONFIG_RECORD) or {}).get("coco")]
+    # One output holds one configuration (`check_config_record` refuses another), so the runs agree.
+    return next((c for c in cocos if c), None)
+
+
+def image_objects(gt_json: str, storage_options: dict | None = None) -> tuple[dict, dict]:
+    """Every annotation of a COCO file per image, as {image key: [(category, xyxy, iscrowd)]},
+    keyed once by image id and once by file stem: the two keys `attach_gt` matches queries on."""
+    from .inputs import _read_coco
+
+    coco = _read_coco(gt_json, storage_options)
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {im["id"]: im for im in coco["images"]}
+    per_image: dict = {}
+    for a in coco["annotations"]:
+        if a["category_id"] not in cats or a["image_id"] not in images:
+            continue  # `list_coco` makes these query_error rows; they name no object we can place
+        x, y, w, h = a["bbox"]
+        per_image.setdefault(a["image_id"], []).append((cats[a["category_id"]], (x, y, x + w, y + h),
+                                                        bool(a.get("iscrowd", 0))))
+    by_id = {str(i): objs for i, objs in per_image.items()}
+    by_stem = {posixpath.splitext(posixpath.basename(images[i].get("file_name") or ""))[0]: objs
+               for i, objs in per_image.items()}
+    return by_id, by_stem
+
+
+def query_objects(with_gt: pl.DataFrame, by_id: dict, by_stem: dict) -> dict[str, tuple]:
+    """Per query with ground truth: (target xyxy, other instances of its category, objects of other
+    categories), from every annotation of its image.
+
+    The target is the image's one non-crowd annotation of the query's category that is the query's
+    ground truth; a query without exactly that (its image is not in the file, or the file is not
+    the one the run's ground truth came from) is left out. Crowd regions (iscrowd=1) are never a
+    target, as in `list_coco`, but they are objects: an answer on a crowd of the query's category
+    lands on "another instance"."""
+    import numpy as np
+
+    from .metrics import paired_iou
+
+    out = {}
+    for r in with_gt.select("query_id", "image_id", "image_uri", "category", "gt_x1", "gt_y1", "gt_x2",
+                            "gt_y2").iter_rows(named=True):
+        stem = posixpath.splitext(posixpath.basename((r["image_uri"] or "").split("#")[-1]))[0]
+        objs = by_id.get(str(r["image_id"])) or by_stem.get(stem) or []
+        gt = (r["gt_x1"], r["gt_y1"], r["gt_x2"], r["gt_y2"])
+        targets = [i for i, (cat, _, crowd) in enumerate(objs) if cat == r["category"] and not crowd]
+        if len(targets) != 1 or paired_iou([objs[targets[0]][1]], [gt])[0] < 0.9:
+            continue
+        t = targets[0]
+        same = [box for i, (cat, box, _) in enumerate(objs) if i != t and cat == r["category"]]
+        other = [box for cat, box, _ in objs if cat != r["category"]]
+        out[r["query_id"]] = (gt, np.asarray(same, float).reshape(-1, 4), np.asarray(other, float).reshape(-1, 4))
+    return out
+
+
+def _outcome_rows(frame: pl.DataFrame, objects: dict, group: str, name_col: str | None, name: str | None) -> list:
+    """`outcome_table` per name (per selector, or one name for a set of candidates), as flat rows:
+    group, name, size_bucket, n, a count per outcome and `share` (None for an empty bucket)."""
+    import numpy as np
+
+    from .metrics import ALL, BUCKETS, OUTCOMES, _selector_order, answer_outcomes, outcome_table
+
+    frame = frame.filter(pl.col("query_id").is_in(pl.Series(list(objects), dtype=pl.String).implode()))
+    names = _selector_order(frame[name_col].to_list()) if name_col else [name]
+    rows = []
+    for nm in names:
+        f = frame.filter(pl.col(name_col) == nm) if name_col else frame
+        if f.height == 0:
+            continue
+        pred = f.select("x1", "y1", "x2", "y2").cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        q = [objects[qid] for qid in f["query_id"]]
+        oc = answer_outcomes(pred, np.array([x[0] for x in q], float), [x[2] for x in q], [x[1] for x in q])
+        table = outcome_table(oc, f["size_bucket"].to_numpy().astype(str))
+        for b in (*BUCKETS, ALL):
+            c = table[b]
+            rows.append({"group": group, "name": nm, "size_bucket": b, **c,
+                         "share": {o: (c[o] / c["n"] if c["n"] else None) for o in OUTCOMES}})
+    return rows
+
+
+def _landing(url, boxes, cands, with_gt, sel_rows, gt_json, storage_options) -> tuple[dict | None, str | None]:
+    """`answer_landing` against the COCO file passed (--gt) or the one the run was labelled from;
+    else (None, why in one line). Only a COCO file holds every object of an image: a manifest's or
+    a shard's ground truth names the target alone, and "the answer boxed another object" cannot be
+    told from "it boxed nothing"."""
+    from .inputs import InputError
+
+    ann = gt_json or recorded_annotations(url, boxes, storage_options)
+    if ann is None:
+        return None, "needs every object of each image: the run records no --coco file; pass --gt COCO_JSON"
+    unreadable: tuple[type[BaseException], ...] = (OSError, InputError)
+    try:  # s3fs raises most faults as OSError, but missing credentials as botocore's own error
+        from botocore.exceptions import BotoCoreError
+
+        unreadable += (BotoCoreError,)
+    except ImportError:
+        pass
+    try:
+        landing = answer_landing(with_gt, cands, sel_rows, ann, storage_options)
+    except unreadable as e:  # the run's recorded file moved, went or is out of reach: the rest stands
+        return None, f"{ann} could not be read ({type(e).__name__}: {e}); pass --gt COCO_JSON"
+    if landing["queries"] == 0:
+        return None, f"no query with ground truth matched an image and category of {ann}"
+    landing["source"] = "--gt" if gt_json else "the run's --coco"
+    return landing, None
+
+
+def answer_landing(boxes: pl.DataFrame, cands: pl.DataFrame, sel_rows: pl.DataFrame, gt_json: str,
+                   storage_options: dict | None = None) -> dict:
+    """Where each answer landed among all the objects of its image (`metrics.answer_outcomes`): for
+    every selector's chosen box (`sel_rows`, as `selector_rows` builds them), for greedy's candidate
+    (cand 0) and for all sampled candidates (cand > 0). A selector that chose nothing and a failed
+    candidate have no box: `no_box`, kept in the denominator like their IoU of 0. Candidates adaptive
+    K did not sample (`skipped`) are left out, as in the no-box share."""
+    by_id, by_stem = image_objects(gt_json, storage_options)
+    with_gt = boxes.filter(pl.col("gt_x1").is_not_null() & pl.col("size_bucket").is_not_null())
+    objects = query_objects(with_gt, by_id, by_stem)
+    buckets = with_gt.select("query_id", "size_bucket")
+    chosen = sel_rows.select("query_id", "selector", "size_bucket", "cand_idx").join(
+        cands.select("query_id", "cand_idx", "x1", "y1", "x2", "y2"), on=["query_id", "cand_idx"], how="left")
+    drawn = cands.filter(pl.col("status") != "skipped").join(buckets, on="query_id", how="inner")
+    rows = (_outcome_rows(chosen, objects, "selected", "selector", None)
+            + _outcome_rows(drawn.filter(pl.col("cand_idx") == 0), objects, "candidates", None, "greedy")
+            + _outcome_rows(drawn.filter(pl.col("cand_idx") > 0), objects, "candidates", None, "sampled"))
+    return {"annotations": gt_json, "queries": len(objects), "queries_left_out": with_gt.height - len(objects),
+            "rows": rows}
+
+
+OUTCOME_HEADERS = {"right": "right", "other_instance": "other instance", "other_object": "other object",
+                   "near": "near", "nowhere": "nowhere", "no_box": "no box"}
+CANDIDATE_ROWS = {"greedy": "cand 0 (greedy)", "sampled": "cands 1..N (sampled)"}
+
+
+def outcome_row_name(r: dict) -> str:
+    """A row's label: the selector, or which candidates (cand 0 is not the greedy selector's choice:
+    that one falls back to the first candidate with a box)."""
+    return CANDIDATE_ROWS.get(r["name"], r["name"]) if r["group"] == "candidates" else r["name"]
+
+
+def format_outcomes(landing: dict) -> str:
+    """Markdown: a line saying what is counted, then one table per size bucket: a row per selector
+    (its chosen boxes) and per candidate set, "count (share)" per outcome."""
+    from .metrics import ALL, BUCKETS, NEAR_IOU, OTHER_IOU, OUTCOMES, RIGHT_IOU
+
+    lines = [f"Where the answers landed among all objects of their image ({landing['annotations']}, from "
+             f"{landing['source']}; {landing['queries']} queries, {landing['queries_left_out']} without a match "
+             f"left out), first that holds: right = IoU >= {RIGHT_IOU} with the target; other instance / other "
+             f"object = IoU >= {OTHER_IOU} with another object of the query's category / of another category; "
+             f"near = IoU >= {NEAR_IOU} with the target; nowhere; no box = no parseable box."]
+    head = ["answers", "n", *(OUTCOME_HEADERS[o] for o in OUTCOMES)]
+    for b in (*BUCKETS, ALL):
+        rows = [r for r in landing["rows"] if r["size_bucket"] == b]
+        n_q = max((r["n"] for r in rows if r["group"] == "selected"), default=0)
+        if not any(r["n"] for r in rows):
+            lines += ["", f"{b}: no queries"]
+            continue
+        # A zero is printed bare, so the outcomes that do occur stand out.
+        body = [[outcome_row_name(r), str(r["n"]),
+                 *(("-" if not r["n"] else f"{r[o]} ({r['share'][o]:.1%})" if r[o] else "0") for o in OUTCOMES)]
+                for r in rows]
+        widths = [max(3, *(len(x[i]) for x in [head, *body])) for i in range(len(head))]
+
+        def render(row: list[str]) -> str:
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            return "| " + " | ".join(cells) + " |"
+
+        sep = "| " + " | ".join(["-" * widths[0]] + ["-" * (w - 1) + ":" for w in widths[1:]]) + " |"
+        lines += ["", f"{b} ({n_q} quer{'y' if n_q == 1 else 'ies'})", "", render(head), sep, *map(render, body)]
+    return "\n".join(lines)

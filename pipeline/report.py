@@ -5,7 +5,8 @@ dependency), gallery images as base64 PNG data URIs. Nothing is fetched when the
 so it can be mailed, attached to a ticket or stored next to the run.
 
 Sections: header (run ids, model, queries, status counts, the run's selector); the per-selector x
-size-bucket table from `evaluate_run`; plots (Acc@0.5 by bucket, the ACS-Learned reliability
+size-bucket table from `evaluate_run`; where the answers landed among all objects of their image
+(when a COCO file holds them all); plots (Acc@0.5 by bucket, the ACS-Learned reliability
 diagram, mean attention entropy by layer for high/low/zero-IoU candidates); a gallery of queries
 where the run's selector chose another candidate than greedy, with the "deciding heads'" pooled
 attention over the image when the run was labelled with --dump-maps; how to read it.
@@ -591,8 +592,10 @@ color:#222;padding:0 16px;line-height:1.4}
 h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
-td.sel,th.sel{text-align:left}tr.oracle td{color:#777;font-style:italic}
+td.sel,th.sel,td.ans,th.ans{text-align:left}tr.oracle td{color:#777;font-style:italic}
 td.best{background:#d9f2d9;font-weight:bold}.pos{color:#1a7f37}.neg{color:#c62828}.ns{color:#888}td small{display:block;font-size:10px;line-height:1.15;color:#666;max-width:9em;margin-left:auto}
+.outcomes{display:flex;flex-wrap:wrap;gap:0 24px;align-items:flex-start}table.landing th{font-weight:normal}
+table.landing thead tr:first-child th{font-weight:bold}tr.cands td{border-top:2px solid #999}
 .meta td,.meta th{text-align:left}.tag{font-size:11px;background:#eef;border-radius:3px;padding:0 4px}
 .plots{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .plot{border:1px solid #eee;padding:8px}.plot h3{font-size:14px;margin:0 0 6px}
@@ -664,6 +667,58 @@ def table_html(table: list[dict], run_selectors: set[str]) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+# Cell tints of the landing tables, by outcome: the target green, another object red (the model
+# found an object, not the one asked for), near amber, nothing grey; stronger with the share.
+OUTCOME_RGB = {"right": (26, 127, 55), "other_instance": (198, 40, 40), "other_object": (198, 40, 40),
+               "near": (224, 168, 0), "nowhere": (120, 120, 120), "no_box": (120, 120, 120)}
+
+
+def outcomes_html(landing: dict) -> str:
+    """Where the answers landed: one small table per size bucket (side by side where the page is
+    wide enough), a row per selector and per candidate set, the share per outcome with its count."""
+    from .evaluate import OUTCOME_HEADERS, outcome_row_name
+    from .metrics import OUTCOMES
+
+    tables = []
+    for b in ALL_BUCKETS:
+        rows = [r for r in landing["rows"] if r["size_bucket"] == b]
+        n_q = max((r["n"] for r in rows if r["group"] == "selected"), default=0)
+        if not any(r["n"] for r in rows):
+            continue
+        out = [f'<table class="landing"><thead><tr><th class="ans" colspan="{2 + len(OUTCOMES)}">{_t(b)} '
+               f'({n_q} quer{"y" if n_q == 1 else "ies"})</th></tr><tr><th class="ans">answers</th><th>n</th>'
+               # Two-word headers on two lines: two bucket tables then fit side by side on the page.
+               + "".join(f"<th>{'<br>'.join(map(_t, OUTCOME_HEADERS[o].split()))}</th>" for o in OUTCOMES)
+               + "</tr></thead><tbody>"]
+        first_cand = True
+        for r in rows:
+            cls = ""
+            if r["group"] == "candidates" and first_cand:
+                cls, first_cand = ' class="cands"', False
+            out.append(f'<tr{cls}><td class="ans">{_t(outcome_row_name(r))}</td><td>{r["n"]}</td>')
+            for o in OUTCOMES:
+                share = r["share"][o]
+                if not r[o] or share is None:
+                    out.append(f"<td>{'0' if r['n'] else '–'}</td>")
+                    continue
+                rgb = ",".join(map(str, OUTCOME_RGB[o]))
+                out.append(f'<td style="background:rgba({rgb},{0.08 + 0.5 * share:.2f})">{share:.0%}'
+                           f"<small>{r[o]}</small></td>")
+            out.append("</tr>")
+        out.append("</tbody></table>")
+        tables.append("".join(out))
+    return '<div class="outcomes">' + "".join(tables) + "</div>"
+
+
+OUTCOMES_HOW_TO_READ = """<p>Each answer box read against <em>every</em> object of its image
+in {ann} ({source}; {queries} queries{left_out}), the first that holds: <b>right</b> (IoU &ge; 0.5 with the
+target, as Acc@0.5); <b>other instance</b> / <b>other object</b> (IoU &ge; 0.3 with another object of the
+query's category, a crowd region included / of another category: the model found an object, not the one asked
+for); <b>near</b> (IoU &ge; 0.1 with the target: found, badly localised); <b>nowhere</b>; <b>no box</b>. Rows:
+each selector's chosen boxes, then greedy's candidate (cand 0) and all sampled candidates. Cells: share of the
+row's answers, count below.</p>"""
 
 
 def _card_html(e: Entry) -> str:
@@ -806,7 +861,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
     from .analysis import (head_count_curve, head_curve_markdown, layer_curves_markdown, ranking_from_profile,
                            regressor_saliency, saliency_markdown, selected_size, selected_size_markdown)
     from .calibrate import layer_curves
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, format_outcomes
     from .scoring import HeadProfile
 
     profile = HeadProfile.load(profile_path) if profile_path else None
@@ -899,6 +954,18 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
                         f"<tr><td>{_t(r['selector'])}</td>" + "".join(
                             f"<td>{'-' if r[b] is None else format(r[b], '.2f')}</td>"
                             for b in ("small", "medium", "large", "all")) + "</tr>" for r in sizes) + "</table>")
+        page.append("<h2>Where the answers landed</h2>")
+        landing = ev.get("outcomes")
+        if landing:
+            k = landing["queries_left_out"]
+            left_out = f", {k} without a match left out" if k else ""
+            page.append(OUTCOMES_HOW_TO_READ.format(ann=_t(posixpath.basename(landing["annotations"])),
+                                                    source=_t(landing["source"]), queries=landing["queries"],
+                                                    left_out=left_out))
+            page.append(outcomes_html(landing))
+        else:
+            page.append(f'<div class="note">Not computed: {_t(ev.get("outcomes_note") or "evaluate_run failed")}'
+                        "</div>")
     else:
         page.append(f'<div class="note">{_t(ev.get("note") or "no ground truth in this run: no accuracy table")}'
                     "</div>")
@@ -967,6 +1034,8 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
             md += ["## Regressor saliency by layer", "", saliency_markdown(*saliency), ""]
         if sizes:
             md += ["## Chosen box area over the object's (median per query)", "", selected_size_markdown(sizes), ""]
+        if ev.get("outcomes"):
+            md += ["## Where the answers landed", "", format_outcomes(ev["outcomes"]), ""]
         _write_text(markdown, "\n".join(md), storage_options)
 
     n_png = text.count('src="data:image/png;base64,')
@@ -980,6 +1049,7 @@ def build_report(url: str, output: str, profile_path: str | None = None, max_gal
         "changed_queries": totals,
         "heatmaps": sum(len(e.images) > 1 for e in entries), "png_images": n_png,
         "has_maps": have_maps, "plots": plots, "head_curve": head_curve, "selected_size": sizes,
+        "outcomes_queries": (ev.get("outcomes") or {}).get("queries"),
         "ece": None if reliability_ece is None or not math.isfinite(reliability_ece) else float(reliability_ece),
         "notes": notes + ([maps_note] if maps_note else []), "bytes": len(text.encode("utf-8")),
     }

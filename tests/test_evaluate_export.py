@@ -51,6 +51,8 @@ def test_evaluate_run_numbers(run):
     assert all(m is None for m, c in zip(rel["mean_pred"], rel["count"]) if c == 0)
     assert 0.0 <= res["coco_ap"]["AP"] <= 1.0
     assert res["queries"] == len(QUERIES) and res["queries_with_gt"] == len(QUERIES) - 1
+    # Its ground truth came with the run, not from a COCO file: where answers landed is not computed.
+    assert "outcomes" not in res and "the run records no --coco file" in res["outcomes_note"]
     # Paired against greedy: ACS-Free wins q-help on small objects and loses none.
     vs = table[("acs-free", "small")]["vs_greedy"]
     assert (vs["n"], vs["won"], vs["lost"]) == (3, 1, 0)

@@ -143,6 +143,8 @@ def test_report_with_maps(run_with_maps, tmp_path):
     assert "http://" not in text and "https://" not in text
     assert "tiny-test" in text and "run-test" in text and "no_box: 1" in text
     assert summary["status"] == {"ok": 5, "no_box": 1} and summary["queries"] == 6
+    # No COCO file holds every object of these images: no landing breakdown, and the page says why.
+    assert summary["outcomes_queries"] is None and "Not computed: needs every object of each image" in text
     json.dumps(summary)  # JSON-serialisable
 
 
