@@ -235,7 +235,10 @@ def list_shards(url: str, storage_options: dict | None = None, categories: list[
                                       cat, shard_file=uri, shard_member=row["member"], shard_id=shard,
                                       width=row.get("width"), height=row.get("height")))
             continue
-        with fs.open(path, "rb") as f:
+        # No read-ahead: the metadata columns are a sliver of an image shard, and s3fs's default
+        # 50 MB read-ahead from each column's offset would fetch the image bytes too (the whole
+        # dataset read on every listing, i.e. on every resume).
+        with fs.open(path, "rb", cache_type="none") as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             cols = [c for c in ("key", "image_id", "categories", "category", "width", "height") if c in names]

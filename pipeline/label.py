@@ -65,6 +65,8 @@ class LabelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
     limit: int | None = field(default=None, metadata={"help": "only the first N queries (smoke runs)"})
     progress: bool = field(default=True, metadata={"help": "show Ray Data progress bars"})
+    log_every_s: float = field(default=30.0, metadata={
+        "help": "seconds between progress lines on stderr (queries labelled, shards written; 0: none)"})
     run_id: str = field(default="", metadata={"help": "defaults to a timestamp + random suffix"})
 
     def public(self) -> dict:
@@ -290,6 +292,8 @@ class ShardWriter:
         self.read_faults: dict[str, str] = {}
         self.status = Counter()
         self.rows = Counter()
+        # Most shards buffered at once: the driver's memory, and what a stopped run recomputes.
+        self.open_max = 0
 
     def add(self, shard: str, box: dict, cands: list[dict], attn: list[dict]) -> None:
         from .stages import STORAGE_FAULT
@@ -300,6 +304,7 @@ class ShardWriter:
         b["boxes"].append(box)
         b["candidates"].extend(cands)
         b["attention"].extend(attn)
+        self.open_max = max(self.open_max, len(self.buf))
         if len(b["boxes"]) == self.expected[shard]:
             self.flush(shard)
 
@@ -369,6 +374,48 @@ def _auto_threads(actors: int) -> int:
     return max(1, int(cpus // per_node))
 
 
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """`ray.init`: connect to the cluster named by `address` (or RAY_ADDRESS), else start a local
+    instance whose processes all register, listen and talk on 127.0.0.1.
+
+    Ray maps an explicit loopback node address to the machine's outward one
+    (`ray._private.services.resolve_ip_for_localhost`: `_node_ip_address="127.0.0.1"` becomes eth0's
+    address), so a plain local instance sends its GCS, raylet and worker traffic to that interface.
+    Ray's single-machine switch keeps the loopback address: `ENABLE_RAY_CLUSTER` (read from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when ray is imported) in this process while the instance
+    starts, and the env var in the processes it starts (they inherit this environment; the
+    dashboard's agent, for one, connects with ray.init of its own). A local instance never has a
+    second node, which is all the switch refuses."""
+    import ray
+    from ray._private import ray_constants
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **kwargs)
+        return
+    was, was_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        ray.init(_node_ip_address=LOOPBACK, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+        if was_env is None:
+            os.environ.pop(LOOPBACK_ENV)
+        else:
+            os.environ[LOOPBACK_ENV] = was_env
+
+
+def progress_line(labelled: int, pending: int, written: int, shards: int) -> str:
+    """One line a person (and `benchmarks.soak`, from a job's log) reads: a UTC time, the queries
+    this run has labelled so far and the shards it has written."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return f"acs label progress {now}: {labelled}/{pending} queries labelled, {written}/{shards} shards written"
+
+
 def run_label(cfg: LabelConfig) -> dict:
     import ray
 
@@ -403,7 +450,7 @@ def run_label(cfg: LabelConfig) -> dict:
     t_first = None
     if pending:
         if not ray.is_initialized():
-            ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False,
+            init_ray(cfg.address, ignore_reinit_error=True, log_to_driver=False,
                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                                "TOKENIZERS_PARALLELISM": "false"}})
         ctx = ray.data.DataContext.get_current()
@@ -428,7 +475,7 @@ def run_label(cfg: LabelConfig) -> dict:
         # in its own tasks (I/O never blocks the model) instead of fusing it into the actor.
         ds = ds.map_batches(load_images, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
                             fn_kwargs={"storage_options": cfg.storage_options, "io_retries": cfg.io_retries,
-                                       "io_backoff": cfg.io_backoff})
+                                       "io_backoff": cfg.io_backoff, "cache_key": cfg.run_id})
         ds = ds.map_batches(
             ACSStage, batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -437,6 +484,7 @@ def run_label(cfg: LabelConfig) -> dict:
                                    "run_id": cfg.run_id, "micro_batch": cfg.batch_size,
                                    "trust_remote_code": cfg.trust_remote_code, "dump_maps": cfg.dump_maps,
                                    "torch_threads": cfg.torch_threads or _auto_threads(cfg.actors)})
+        labelled, t_log = 0, time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if t_first is None:
                 # Start-up: the actor process, its imports and model load, the executor's start;
@@ -447,12 +495,20 @@ def run_label(cfg: LabelConfig) -> dict:
                            list(batch["attention"][i]))
             acs_seconds += float(batch["acs_seconds"].sum())
             gen_tokens += float(batch["generated_tokens"].sum())
+            labelled += len(batch["query_id"])
+            if cfg.log_every_s and time.time() - t_log >= cfg.log_every_s:
+                t_log = time.time()
+                print(progress_line(labelled, len(pending), len(writer.written), len(expected)), file=sys.stderr,
+                      flush=True)
+        if cfg.log_every_s:
+            print(progress_line(labelled, len(pending), len(writer.written), len(expected)), file=sys.stderr,
+                  flush=True)
     leftover = list(writer.buf)
     if leftover:
         raise RuntimeError(f"{len(leftover)} shard(s) did not receive all their rows: {leftover[:5]}")
     t_end = time.time()
     counters.update(shards_written=len(writer.written), shards_failed=len(writer.failed), status=dict(writer.status),
-                    rows=dict(writer.rows), generated_tokens=gen_tokens)
+                    rows=dict(writer.rows), generated_tokens=gen_tokens, shards_open_max=writer.open_max)
     summary = {
         "run_id": cfg.run_id, "config": cfg.public(), "selector": selector, "profile": profile,
         "regressor": regressor, "source": source_key, "model_layout": _model_layout(cfg),

@@ -31,8 +31,18 @@ META_COLUMNS = ("query_id", "image_id", "image_uri", "category", "gt_x1", "gt_y1
 STORAGE_FAULT = "storage_error"
 
 
+# The image column of the last Parquet shard this process read, for one run: [(run key, shard
+# URI), column]. A batch needs a few rows, but a column chunk is read whole (img2dataset writes one
+# row group per shard), so without it every batch re-reads its shard's images: per query the
+# bytes of a shard / batch size, a whole 10,000-image shard per 8 queries. Ray reuses a decoding
+# worker for the next batches, which come in listing order, so each worker reads a shard about
+# once. One entry: memory stays one shard's images per worker. Keyed by run: inputs do not change
+# during a run, but may between runs (and a later run must see its own storage faults).
+_LAST_COLUMN: list = [None, None]
+
+
 def _read_bytes(rows: list[dict], storage_options: dict | None, retries: int = DEFAULT_RETRIES,
-                backoff: float = DEFAULT_BACKOFF_S) -> list[bytes | Exception]:
+                backoff: float = DEFAULT_BACKOFF_S, cache_key: str | None = None) -> list[bytes | Exception]:
     """Image bytes per row: a file per row for paths/URLs, one column read per shard file. Every
     read is retried on transient storage faults (`retry_io`); one that still fails leaves a
     `StorageError` for its rows, any other failure an `ImageError`."""
@@ -46,10 +56,15 @@ def _read_bytes(rows: list[dict], storage_options: dict | None, retries: int = D
             return f.read()
 
     def read_parquet_column(shard: str):
+        if cache_key is not None and _LAST_COLUMN[0] == (cache_key, shard):
+            return _LAST_COLUMN[1]
         with fsspec.open(shard, "rb", **so) as f:
             pf = pq.ParquetFile(f)
             col = next(c for c in ("jpg", "png", "webp", "image") if c in pf.schema_arrow.names)
-            return pf.read(columns=[col]).column(col)
+            data = pf.read(columns=[col]).column(col)
+        if cache_key is not None:
+            _LAST_COLUMN[:] = [(cache_key, shard), data]
+        return data
 
     out: list[bytes | Exception | None] = [None] * len(rows)
     by_shard = defaultdict(list)
@@ -108,13 +123,15 @@ def _read_tar_members(shard: str, rows, idxs, out, storage_options) -> None:
 
 
 def load_images(batch: dict, storage_options: dict | None = None, max_pixels: int = 100_000_000,
-                io_retries: int = DEFAULT_RETRIES, io_backoff: float = DEFAULT_BACKOFF_S) -> dict:
+                io_retries: int = DEFAULT_RETRIES, io_backoff: float = DEFAULT_BACKOFF_S,
+                cache_key: str | None = None) -> dict:
     """CPU stage: read and decode; adds `pixels` (H, W, 3 uint8), width, height, status, error.
-    Status is `ok`, the query's `pre_status`, `image_error`, or STORAGE_FAULT (see above)."""
+    Status is `ok`, the query's `pre_status`, `image_error`, or STORAGE_FAULT (see above).
+    `cache_key` (the run's id) keeps the last Parquet shard's image column for the next batches."""
     n = len(batch["query_id"])
     # Ray turns all-null columns into float NaN: normalise back to None before looking at values.
     rows = [{c: (_py(batch[c][i]) if c in batch else None) for c in META_COLUMNS} for i in range(n)]
-    data = _read_bytes(rows, storage_options, io_retries, io_backoff)
+    data = _read_bytes(rows, storage_options, io_retries, io_backoff, cache_key)
     pixels, status, error, width, height = [], [], [], [], []
     for r, d in zip(rows, data):
         if r.get("pre_status"):

@@ -41,10 +41,13 @@ def ray_session():
     tests/reliability; `run_label` reuses it (it only calls ray.init when Ray is not initialised)."""
     import ray
 
+    from pipeline.label import init_ray
+
     if ray.is_initialized():  # an earlier plugin or test already started one
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # On 127.0.0.1 (a plain ray.init would register the machine's outward address; see init_ray)
+    init_ray(None, num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
