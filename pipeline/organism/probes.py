@@ -46,6 +46,20 @@ def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_ob
     return out
 
 
+def _coordinate_ce(adapter, enc, conts) -> torch.Tensor:
+    """(items, 4) cross-entropy of each answer's x1, y1, x2, y2 tokens, prompts `enc` followed by
+    the answers `conts`: the answer's last four number tokens ("bbox_2d" holds a "2" too)."""
+    from .batcher import training_inputs
+
+    number_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([str(v) for v in range(1024)]))
+    inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
+    logits = adapter.model(**inputs).logits[:, :-1].float()
+    lab = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                                           ignore_index=-100, reduction="none").reshape(lab.shape)
+    return torch.stack([ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(lab.shape[0])])
+
+
 @torch.inference_mode()
 def query_dependence(adapter, n: int = 48, seed: int = 0, max_objects: int | None = None) -> dict:
     """Does the model read the query? Cross-entropy of each box coordinate of `n` calib answers
@@ -53,7 +67,6 @@ def query_dependence(adapter, n: int = 48, seed: int = 0, max_objects: int | Non
     (the same image, the same answer). The gap is what knowing which object was asked for is
     worth, in nats per coordinate: 0 means the model boxes some object whatever the query says
     (the shipped step-2,480 organism: about 0.2, against 2-6 for image dependence)."""
-    from .batcher import training_inputs
     from .scenes import make_scene
 
     was_training = adapter.model.training
@@ -70,7 +83,6 @@ def query_dependence(adapter, n: int = 48, seed: int = 0, max_objects: int | Non
             x, y, w, h = o.bbox
             rows.append((scene.image, cat, other, (x, y, x + w, y + h)))
         i += 1
-    number_ids = torch.tensor(ad.tokenizer.convert_tokens_to_ids([str(v) for v in range(1024)]))
     eos = ad.eos_token_ids[:1]
 
     def coord_ce(cats) -> torch.Tensor:
@@ -82,13 +94,8 @@ def query_dependence(adapter, n: int = 48, seed: int = 0, max_objects: int | Non
             conts = [ad.tokenizer(ad.answer_text(ad.from_original(r[3], isz, osz), r[1]),
                                   add_special_tokens=False)["input_ids"] + eos
                      for r, isz, osz in zip(chunk, enc.input_sizes, enc.orig_sizes)]
-            inputs, labels = training_inputs(enc, conts, ad.pad_token_id)
-            logits = ad.model(**inputs).logits[:, :-1].float()
-            lab = labels[:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
-                                                   ignore_index=-100, reduction="none").reshape(lab.shape)
-            out += [ce[j][torch.isin(lab[j], number_ids)][-4:] for j in range(len(chunk))]
-        return torch.stack(out).mean(0)
+            out.append(_coordinate_ce(ad, enc, conts))
+        return torch.cat(out).mean(0)
 
     right = coord_ce([r[1] for r in rows])
     swapped = coord_ce([r[2] for r in rows])
@@ -120,22 +127,14 @@ def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | Non
     Equal values mean the coordinates ignore the image (this organism's plateau: see its model
     card); a gap on x2/y2 only means the model reads the object's size but not its position.
     `max_objects` measures on the curriculum's scenes instead of the real calib distribution."""
-    from .batcher import Batcher, training_inputs
+    from .batcher import Batcher
 
     was_training = adapter.model.training
     adapter.model.eval()
     enc, conts, _ = Batcher(adapter, split="calib", seed=seed, turns=1, max_objects=max_objects).batch(0, n)
-    number_ids = torch.tensor(adapter.tokenizer.convert_tokens_to_ids([str(i) for i in range(1024)]))
 
     def coord_ce() -> list[float]:
-        inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
-        logits = adapter.model(**inputs).logits[:, :-1].float()
-        lab = labels[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1),
-                                               ignore_index=-100, reduction="none").reshape(lab.shape)
-        # The coordinates are the answer's last four number tokens ("bbox_2d" holds a "2" too).
-        coords = [ce[i][torch.isin(lab[i], number_ids)][-4:] for i in range(n)]
-        return torch.stack(coords).mean(0).tolist()
+        return _coordinate_ce(adapter, enc, conts).mean(0).tolist()
 
     own = coord_ce()
     # The visual tokens the language model receives: their mean norm, and their spread around the
