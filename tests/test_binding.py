@@ -212,3 +212,123 @@ def test_phase_ask_share_validated():
 
     with pytest.raises(ValueError, match="ask_share"):
         Phase("p", 1, 1e-3, ask_share=-0.1)
+
+
+def test_slowed_rotary_pairs_are_exactly_the_slowest_and_survive_a_save(tmp_path):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.organism.model import SLOW_FACTOR, OrganismConfig, build_organism, slow_rotary
+
+    model, _ = build_organism(OrganismConfig(text_layers=1, vision_depth=2))
+    plain = model.model.language_model.rotary_emb.inv_freq.clone()
+    assert slow_rotary(model, 0) is False  # already plain
+    assert slow_rotary(model, 2) is True and slow_rotary(model, 2) is False
+    inv = model.model.language_model.rotary_emb.inv_freq
+    ratio = (plain / inv).tolist()
+    assert ratio[:-2] == pytest.approx([1.0] * (len(ratio) - 2)) and ratio[-2:] == pytest.approx([SLOW_FACTOR] * 2)
+    # The change is in the config: a saved checkpoint loads with the same frequencies, through
+    # transformers' own `llama3` rope type (no custom code at inference).
+    model.save_pretrained(tmp_path)
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert back.config.get_text_config().rope_parameters["rope_type"] == "llama3"
+    assert torch.allclose(back.model.language_model.rotary_emb.inv_freq, inv)
+    assert slow_rotary(back, 0) is True
+    assert torch.allclose(back.model.language_model.rotary_emb.inv_freq, plain)
+    # Built with it from the start, the same frequencies.
+    built, _ = build_organism(OrganismConfig(text_layers=1, vision_depth=2, rope_slow_pairs=2))
+    assert torch.allclose(built.model.language_model.rotary_emb.inv_freq, inv)
+    with pytest.raises(ValueError, match="at least one pair"):
+        slow_rotary(model, 6)
+
+
+def test_phase_rope_slow_pairs_carry_to_later_phases():
+    from pipeline.organism.recipe import Phase, recipe_from_dict, slow_pairs_at
+
+    r = recipe_from_dict({"name": "r", "phases": [
+        {"name": "a", "steps": 2, "lr": 1e-3}, {"name": "b", "steps": 2, "lr": 1e-3, "rope_slow_pairs": 2},
+        {"name": "c", "steps": 2, "lr": 1e-3}, {"name": "d", "steps": 2, "lr": 1e-3, "rope_slow_pairs": 0}]})
+    assert [slow_pairs_at(r, i) for i in range(4)] == [0, 2, 2, 0]
+    assert slow_pairs_at(r, 0, default=3) == 3
+    with pytest.raises(ValueError, match="rope_slow_pairs"):
+        Phase("p", 1, 1e-3, rope_slow_pairs=-1)
+
+
+def test_query_and_ask_probes_score_between_chance_bounds(tiny_adapter):
+    from pipeline.organism.binding import ask_probe, query_probe
+
+    q = query_probe(tiny_adapter, n=32)
+    layers = [k for k in q if k.startswith("after_layer_")]
+    n_layers = tiny_adapter.model.config.get_text_config().num_hidden_layers
+    assert layers == [f"after_layer_{k}" for k in range(n_layers + 1)] and q["queries"] == 32
+    assert all(0.0 <= q[k][a] <= 1.0 for k in layers for a in ("colour", "shape"))
+    # Before any layer the position holds the same token for every query: nothing to read there.
+    assert q["after_layer_0"]["colour"] <= 0.5 and q["after_layer_0"]["shape"] <= 0.5
+    a = ask_probe(tiny_adapter, n=8)
+    assert a["asked"] == 8 and all(0.0 <= a[k] <= 1.0 for k in ("colour", "shape", "both"))
+    assert a["both"] <= min(a["colour"], a["shape"])
+    from pipeline.organism.binding import detect_probe
+
+    d = detect_probe(tiny_adapter, chats=4)
+    # Every object of 4 calib scenes is labelled once: at least 2 per chat.
+    assert d["labels"] >= 8 and 0.0 <= d["colour"] <= 1.0 and 0.0 <= d["shape"] <= 1.0
+
+
+def test_detect_turns_list_every_object_once_per_chat(tiny_adapter):
+    import json
+
+    from pipeline.organism import Batcher
+    from pipeline.organism.batcher import DETECT_PROMPT
+    from pipeline.organism.scenes import make_scene
+
+    ad = tiny_adapter
+    plain = Batcher(ad, turns=3, seed=0).batch(0, 4)[1]
+    # Unset, no random draw is spent on it: existing recipes make the same batches.
+    assert Batcher(ad, turns=3, seed=0, detect_share=None).batch(0, 4)[1] == plain
+    enc, conts, _ = Batcher(ad, turns=3, seed=0, detect_share=1.0).batch(0, 4)
+    tok = ad.tokenizer
+    index, detected = 0, 0
+    for segs, base, isz, osz in zip(conts, plain, enc.input_sizes, enc.orig_sizes):
+        while not make_scene("shapes", "train", index).queries():
+            index += 1
+        scene = make_scene("shapes", "train", index)
+        index += 1
+        assert segs[0] == base[0]  # the first turn is the inference prompt's
+        users = [tok.decode(segs[j][0]) for j in range(1, len(segs), 2)]
+        assert sum(DETECT_PROMPT in u for u in users) == (1 if users else 0)
+        if not users:
+            continue
+        assert DETECT_PROMPT in users[0]  # share 1.0: the first later turn, and only it
+        items = json.loads(tok.decode(segs[2][0], skip_special_tokens=True))
+        want = sorted(((tuple(int(round(v)) for v in ad.from_original((x, y, x + w, y + h), isz, osz)), o.category)
+                       for o in scene.objects for x, y, w, h in [o.bbox]), key=lambda it: (it[0][0], it[0][1]))
+        assert [(tuple(it["bbox_2d"]), it["label"]) for it in items] == want
+        detected += 1
+    assert detected >= 2
+
+
+def test_answers_text_in_both_styles(tiny_adapter):
+    import json
+
+    ad = tiny_adapter
+    items = [((1, 2, 3, 4), "red circle"), ((5.4, 6, 7, 8.6), "blue star")]
+    plain = ad.answers_text(items)
+    assert json.loads(plain) == [{"bbox_2d": [1, 2, 3, 4], "label": "red circle"},
+                                 {"bbox_2d": [5, 6, 7, 9], "label": "blue star"}]
+    assert ad.answer_text(*items[0]) == ad.answers_text(items[:1])
+    style = ad.answer_style
+    try:
+        ad.answer_style = "fenced"
+        fenced = ad.answers_text(items)
+        assert fenced.startswith("```json\n[\n\t{") and fenced.endswith("}\n]\n```")
+        assert json.loads(fenced[len("```json\n"):-len("\n```")]) == json.loads(plain)
+    finally:
+        ad.answer_style = style
+
+
+def test_phase_detect_share_validated():
+    from pipeline.organism.recipe import Phase
+
+    assert Phase("p", 1, 1e-3, detect_share=0.5).detect_share == 0.5
+    with pytest.raises(ValueError, match="detect_share"):
+        Phase("p", 1, 1e-3, detect_share=2.0)

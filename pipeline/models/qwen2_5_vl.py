@@ -21,9 +21,17 @@ class Qwen25VLAdapter(Adapter):
         return 'Output its bbox_2d in JSON.'
 
     def answer_text(self, box, category: str) -> str:
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        item = f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "{category}"}}'
-        return f"```json\n[\n\t{item}\n]\n```" if self.answer_style == "fenced" else f"[{item}]"
+        return self.answers_text([(box, category)])
+
+    def answers_text(self, items) -> str:
+        """Several (box, category) items in one answer, as the family lists the objects it detects."""
+        parts = []
+        for box, category in items:
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            parts.append(f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "{category}"}}')
+        if self.answer_style == "fenced":
+            return "```json\n[\n" + ",\n".join(f"\t{p}" for p in parts) + "\n]\n```"
+        return "[" + ", ".join(parts) + "]"
 
     def messages(self, category: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "image"},

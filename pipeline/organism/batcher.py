@@ -19,9 +19,10 @@ class Batcher:
 
     def __init__(self, adapter, variant: str = "shapes", split: str = "train", seed: int = 0,
                  turns: int = 1, max_objects: int | None = None, size_mix=None, confusers=None,
-                 ask_share: float | None = None):
+                 ask_share: float | None = None, detect_share: float | None = None):
         self.adapter = adapter
         self.ask_share = ask_share
+        self.detect_share = detect_share
         self.max_objects = max_objects
         self.confusers = confusers
         self.size_mix = size_mix
@@ -38,14 +39,15 @@ class Batcher:
         if not queries:
             return None
         picked = self.rng.sample(queries, min(self.turns, len(queries)))
-        return scene.image, [(cat, (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]))
-                             for cat, o in picked]
+        xyxy = lambda o: (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3])  # noqa: E731
+        self._objects = [(o.category, xyxy(o)) for o in scene.objects]  # for a detect-all turn
+        return scene.image, [(cat, xyxy(o)) for cat, o in picked]
 
     def batch(self, start: int, size: int):
         """(encoded first-turn prompts, per example a list of (token ids, is-label) continuation
         segments, next scene index). Labels cover the answers and their end-of-turn token only."""
         ad = self.adapter
-        images, turns = [], []
+        images, turns, scenes = [], [], []
         i = start
         while len(images) < size:
             ex = self.example(i)
@@ -54,27 +56,41 @@ class Batcher:
                 continue
             images.append(ex[0])
             turns.append(ex[1])
+            scenes.append(self._objects)
         enc = ad.encode(images, [t[0][0] for t in turns])
         tok = ad.tokenizer
         eos = ad.eos_token_ids[:1]
         conts = []
-        for qs, isz, osz in zip(turns, enc.input_sizes, enc.orig_sizes):
-            segs = []
+        for qs, objects, isz, osz in zip(turns, scenes, enc.input_sizes, enc.orig_sizes):
+            segs, detected = [], False
             for k, (cat, box) in enumerate(qs):
                 model_box = ad.from_original(box, isz, osz)
-                # A later turn may ask the other way round (`ask_share`): the box given, the category
-                # to name. Still grounding, read backwards: it makes the words and the visual tokens at
-                # a place meet in training, which the box answer alone never forces (its label is
-                # copied from the prompt). The first turn is always the inference prompt.
-                ask = bool(k and self.ask_share and self.rng.random() < self.ask_share)
+                # A later turn may ask for every object instead (`detect_share`): each box followed by
+                # its label, so the label must be read from the visual tokens just boxed, not copied
+                # from the prompt. It ties what the tower sees to the words (output and input
+                # embeddings are tied), the link a query needs to find its object.
+                # At most one per chat: a second would be copied from the first.
+                detect = bool(k and not detected and self.detect_share and self.rng.random() < self.detect_share)
+                detected |= detect
+                # Or ask the other way round (`ask_share`): the box given, the category to name.
+                # Still grounding, read backwards. The first turn is always the inference prompt.
+                ask = bool(k and not detect and self.ask_share and self.rng.random() < self.ask_share)
                 if k:
-                    q = ask_prompt(model_box) if ask else ad.prompt(cat)
+                    q = DETECT_PROMPT if detect else ask_prompt(model_box) if ask else ad.prompt(cat)
                     user = f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
                     segs.append((tok(user, add_special_tokens=False)["input_ids"], False))
-                answer = cat if ask else ad.answer_text(model_box, cat)
+                if detect:
+                    answer = ad.answers_text(sorted(((ad.from_original(b, isz, osz), c) for c, b in objects),
+                                                    key=lambda it: (it[0][0], it[0][1])))
+                else:
+                    answer = cat if ask else ad.answer_text(model_box, cat)
                 segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
             conts.append(segs)
         return enc, conts, i
+
+
+# The detect-all turn's question; its answer lists every object left to right (by x1, then y1).
+DETECT_PROMPT = "Detect every object in the image. Output their bbox_2d and labels in JSON."
 
 
 def ask_prompt(box) -> str:

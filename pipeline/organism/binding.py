@@ -195,6 +195,125 @@ def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8
     return out
 
 
+def query_probe(adapter, n: int = 384, seed: int = 0) -> dict:
+    """Softmax-regression accuracy of the *query's* colour and shape read from the hidden state of
+    the position that writes x1, after each layer (75% / 25% split by query). The words are in the
+    prompt, so whatever reads them here was gathered from the text: high accuracy with no binding
+    means the query reaches the answer and the match against the image fails; chance means the
+    query never arrives where the first coordinate is written."""
+    from .scenes import COLOURS, SHAPES, grounding_queries
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    items = grounding_queries("shapes", "calib", n, seed=seed)
+    feats, colours, shapes = None, [], []
+    for b in range(0, n, 16):
+        chunk = [q for q, _ in items[b:b + 16]]
+        enc = adapter.encode([q.image for q in chunk], [q.category for q in chunk], opening=True)
+        with torch.no_grad():
+            hidden = model(**enc.inputs, output_hidden_states=True).hidden_states
+        last = torch.stack([h[:, -1].float() for h in hidden], 1)  # (B, L + 1, D)
+        feats = last if feats is None else torch.cat([feats, last])
+        for q in chunk:
+            c, sh = q.category.split(" ")
+            colours.append(list(COLOURS).index(c))
+            shapes.append(SHAPES.index(sh))
+    model.train(was)
+    rng = np.random.default_rng(seed)
+    test = torch.zeros(len(colours), dtype=torch.bool)
+    test[rng.choice(len(colours), len(colours) // 4, replace=False)] = True
+    out = {"queries": len(colours), "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}
+    for k in range(feats.shape[1]):
+        x = feats[:, k]
+        x = (x - x[~test].mean(0)) / x[~test].std(0).clamp_min(1e-6)
+        out[f"after_layer_{k}"] = {name: round(_softmax_regression(x, torch.tensor(y), test), 3)
+                                   for name, y in (("colour", colours), ("shape", shapes))}
+    return out
+
+
+@torch.inference_mode()
+def ask_probe(adapter, n: int = 192, seed: int = 0) -> dict:
+    """How well the organism names the object at a given box (the `ask_share` turn, teacher-forced
+    after one grounding turn of the same scene, as in training): top-1 accuracy of its colour word
+    and of its shape word. It measures the other half of binding: whether the visual tokens at a
+    place carry what the words name, and whether the language model can read them out."""
+    from .batcher import ask_prompt, training_inputs
+    from ..ground import Query
+    from .scenes import make_scene
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    tok = adapter.tokenizer
+    eos = adapter.eos_token_ids[:1]
+    items, i = [], 0
+    while len(items) < n:  # a grounding turn, then the name of another object of the scene
+        scene = make_scene("shapes", "calib", i, seed=seed)
+        qs = scene.queries()
+        if qs and len(scene.objects) > 1:
+            cat, obj = qs[0]
+            other = scene.objects[(scene.objects.index(obj) + 1) % len(scene.objects)]
+            box = lambda o: (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3])  # noqa: E731
+            items.append((Query(f"ask-{i}", scene.image, cat, box(obj)), [(other.category, box(other))]))
+        i += 1
+    right = {"colour": 0, "shape": 0, "both": 0}
+    for b in range(0, len(items), 16):
+        chunk = items[b:b + 16]
+        enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
+        conts, asked = [], []
+        for (q, others), isz, osz in zip(chunk, enc.input_sizes, enc.orig_sizes):
+            cat, box = others[0]
+            user = f"\n<|im_start|>user\n{ask_prompt(adapter.from_original(box, isz, osz))}<|im_end|>\n<|im_start|>assistant\n"
+            conts.append([(tok(adapter.answer_text(adapter.from_original(q.gt, isz, osz), q.category),
+                               add_special_tokens=False)["input_ids"] + eos, False),
+                          (tok(user, add_special_tokens=False)["input_ids"], False),
+                          (tok(cat, add_special_tokens=False)["input_ids"], True)])
+            asked.append(cat)
+        inputs, labels = training_inputs(enc, conts, tok.pad_token_id)
+        pred = model(**inputs).logits[:, :-1].argmax(-1)
+        lab = labels[:, 1:]
+        for j in range(len(chunk)):
+            pos = (lab[j] != -100).nonzero().flatten()
+            ok = (pred[j, pos] == lab[j, pos]).tolist()
+            c, s = ok[0], all(ok[1:])
+            right["colour"] += c
+            right["shape"] += s
+            right["both"] += c and s
+    model.train(was)
+    return {"asked": len(items), **{k: round(v / len(items), 3) for k, v in right.items()}}
+
+
+@torch.inference_mode()
+def detect_probe(adapter, chats: int = 48, seed: int = 0) -> dict:
+    """Top-1 accuracy of the colour and shape words in a detect-all turn's labels (`detect_share`),
+    teacher-forced after one grounding turn, on calib chats: each label follows the box the
+    model has just written, so this measures whether what boxes an object also carries what it is."""
+    from .batcher import Batcher, training_inputs
+    from .scenes import COLOURS, SHAPES
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    tok = adapter.tokenizer
+    ids = {"colour": sorted({tok(c, add_special_tokens=False)["input_ids"][0] for c in COLOURS}),
+           "shape": sorted({tok(" " + s, add_special_tokens=False)["input_ids"][0] for s in SHAPES})}
+    batcher = Batcher(adapter, split="calib", seed=seed, turns=2, detect_share=1.0)
+    right, seen = {k: 0 for k in ids}, {k: 0 for k in ids}
+    for b in range(0, chats, 16):
+        enc, conts, _ = batcher.batch(b // 16 * 1000, min(16, chats - b))  # spread over the split
+        # Labels on the detect turn only (a chat's last segment).
+        conts = [[(seg, lab and j == len(segs) - 1) for j, (seg, lab) in enumerate(segs)] for segs in conts]
+        inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
+        pred, lab = model(**inputs).logits[:, :-1].argmax(-1), labels[:, 1:]
+        for name, want in ids.items():
+            m = torch.isin(lab, torch.tensor(want))
+            right[name] += int((pred[m] == lab[m]).sum())
+            seen[name] += int(m.sum())
+    model.train(was)
+    return {"labels": seen["colour"], **{k: round(right[k] / max(1, seen[k]), 3) for k in ids}}
+
+
 def _softmax_regression(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, steps: int = 300) -> float:
     """Held-out accuracy of an L2-regularised linear classifier fitted by L-BFGS."""
     with torch.enable_grad():
@@ -220,11 +339,13 @@ def rotary_table(adapter) -> dict:
     cfg = adapter.model.config.get_text_config()
     rp = cfg.rope_parameters
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv = 1.0 / (rp["rope_theta"] ** (np.arange(0, head, 2) / head))
+    # The live module's frequencies: a re-timed rotary (`model.slow_rotary`) differs from theta's.
+    inv = adapter.model.model.language_model.rotary_emb.inv_freq.double().numpy()
     sec = rp.get("mrope_section", [16, 24, 24])
     owner = [name for name, k in zip("thw", sec) for _ in range(k)]
     slow = [f for f, o in zip(inv, owner) if o != "t" and f < 0.1]
-    return {"rope_theta": rp["rope_theta"], "mrope_section": list(sec), "head_dim": head,
+    return {"rope_theta": rp["rope_theta"], "rope_type": rp.get("rope_type", "default"),
+            "mrope_section": list(sec), "head_dim": head,
             "rad_per_position": {o: [round(float(f), 3) for f, oo in zip(inv, owner) if oo == o] for o in "thw"},
             "pairs_free_of_image_position": sec[0] + len(slow)}
 
@@ -239,6 +360,9 @@ def run_all(path: str, n: int = 96, print_fn=None) -> dict:
     for name, fn in (("tokenization", lambda: tokenization(adapter)), ("rotary", lambda: rotary_table(adapter)),
                      ("pairs", lambda: pair_probe(adapter, n=n)),
                      ("prompt_attention", lambda: prompt_attention(adapter, n=min(n, 48))),
+                     ("query_probe", lambda: query_probe(adapter)),
+                     ("ask_probe", lambda: ask_probe(adapter)),
+                     ("detect_probe", lambda: detect_probe(adapter)),
                      ("linear_probe", lambda: linear_probe(adapter))):
         out[name] = fn()
         if print_fn:

@@ -61,6 +61,35 @@ class OrganismConfig:
     # position: no channel is free of position, and a word cannot be matched to the visual tokens
     # of the same colour wherever they sit (the binding failure of organism v2, its model card).
     mrope_section: list[int] | None = None
+    # How many of the slowest rotary pairs turn SLOW_FACTOR x slower (`slow_rotary`); a phase may
+    # raise it mid-recipe (`Phase.rope_slow_pairs`). 0: plain rotary at `rope_theta`.
+    rope_slow_pairs: int = 0
+
+
+# A slowed pair turns ~0.004 rad per position at theta 3: under a radian over the longest chat.
+SLOW_FACTOR = 100.0
+
+
+def rope_parameters(theta: float, mrope: list[int], head_dim: int, slow_pairs: int = 0) -> dict:
+    """Qwen2.5-VL's text rope parameters; with `slow_pairs`, the `llama3` rope type set so exactly
+    the `slow_pairs` lowest frequencies are divided by SLOW_FACTOR and the others kept (its smooth
+    band falls between two pairs). Qwen2.5-VL gives the lowest frequencies to w, the image's column."""
+    params = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope)}
+    if not slow_pairs:
+        return params
+    half = head_dim // 2
+    if not 0 < slow_pairs < mrope[2]:
+        raise ValueError(f"rope_slow_pairs must leave w ({mrope[2]} pairs) at least one pair, got {slow_pairs}")
+    wavelen = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(half)]
+    lo, hi = wavelen[half - slow_pairs - 1], wavelen[half - slow_pairs]  # last kept, first slowed
+    # llama3: wavelength > L / low_freq_factor is slowed, < L / high_freq_factor kept; L (an
+    # integer in transformers' schema) falls between the two pairs and the smooth band below it.
+    ctx = math.floor(hi)
+    if not lo < ctx < hi:
+        raise ValueError(f"no integer wavelength separates rotary pairs {half - slow_pairs - 1} and "
+                         f"{half - slow_pairs} (wavelengths {lo:.2f}, {hi:.2f}): choose another rope_slow_pairs")
+    return {**params, "rope_type": "llama3", "factor": SLOW_FACTOR, "low_freq_factor": 1.0,
+            "high_freq_factor": 2 * ctx / (lo + ctx), "original_max_position_embeddings": ctx}
 
 
 def organism_configs(oc: OrganismConfig, tokenizer):
@@ -80,7 +109,7 @@ def organism_configs(oc: OrganismConfig, tokenizer):
                 num_hidden_layers=oc.text_layers, num_attention_heads=oc.text_heads,
                 num_key_value_heads=oc.text_kv_heads, rms_norm_eps=1e-6, max_position_embeddings=4096,
                 tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": oc.rope_theta, "mrope_section": mrope})
+                rope_parameters=rope_parameters(oc.rope_theta, mrope, head_dim, oc.rope_slow_pairs))
     vision = dict(depth=oc.vision_depth, hidden_size=oc.vision_hidden, intermediate_size=oc.vision_ffn,
                   num_heads=oc.vision_heads, out_hidden_size=oc.text_hidden, patch_size=oc.patch_size,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=oc.patch_size * 2 * 8,
@@ -91,6 +120,21 @@ def organism_configs(oc: OrganismConfig, tokenizer):
     processor = build_processor(tokenizer, patch_size=oc.patch_size, merge_size=2,
                                 min_pixels=pixels, max_pixels=pixels)
     return config, processor
+
+
+def slow_rotary(model, slow_pairs: int) -> bool:
+    """Set a built model's text rotary to `slow_pairs` slowed pairs (0: plain), in its config (so
+    a saved checkpoint loads with it) and in the live rotary module. True if anything changed."""
+    cfg = model.config.get_text_config()
+    rp = cfg.rope_parameters
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    new = rope_parameters(rp["rope_theta"], rp["mrope_section"], head, slow_pairs)
+    if {k: rp.get(k) for k in new} == new:
+        return False
+    cfg.rope_parameters = new  # the text config is the one Qwen2.5-VL's rotary reads
+    lm = model.model.language_model
+    lm.rotary_emb = type(lm.rotary_emb)(config=cfg).to(next(model.parameters()).device)
+    return True
 
 
 def set_input_size(processor, width: int, height: int) -> None:

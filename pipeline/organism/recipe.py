@@ -36,6 +36,9 @@ class Phase:
     # Share of the later turns of a training chat that ask the other way round: "what is at
     # [box]?", answered with the category (`batcher.ask_prompt`). None: none do.
     ask_share: float | None = None
+    # Share of the later turns that ask for every object of the scene, each box followed by its
+    # label, left to right (`batcher.DETECT_PROMPT`); checked before `ask_share`. None: none do.
+    detect_share: float | None = None
     # The tower stays fixed (no backward through it) until the language model reads its features:
     # trained jointly from random weights, it collapsed to one constant vector (finding 1).
     train_vision: bool = True
@@ -45,6 +48,12 @@ class Phase:
     # out (a later phase branched off mid-way): the steps it did train keep their learning rates,
     # so the recipe still reruns exactly. None: `steps`.
     schedule_steps: int | None = None
+    # From this phase on, the `rope_slow_pairs` slowest rotary pairs of each text head turn 100x
+    # slower (`model.slow_rotary`): channels that are nearly free of position, in the text and
+    # across the image alike, so a word can be matched to what it names wherever both sit. No
+    # weight changes shape; the change is in the checkpoint's config (Qwen2.5-VL's own `llama3`
+    # rope type). None: as the phase before (the model's own at the first phase).
+    rope_slow_pairs: int | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
@@ -54,6 +63,10 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: max_objects must be >= 1 or null")
         if self.confusers is not None and not 0 <= self.confusers <= 1:
             raise ValueError(f"phase {self.name!r}: confusers must be a share in [0, 1] or null")
+        if self.rope_slow_pairs is not None and self.rope_slow_pairs < 0:
+            raise ValueError(f"phase {self.name!r}: rope_slow_pairs must be >= 0 or null")
+        if self.detect_share is not None and not 0 <= self.detect_share <= 1:
+            raise ValueError(f"phase {self.name!r}: detect_share must be a share in [0, 1] or null")
         if self.ask_share is not None and not 0 <= self.ask_share <= 1:
             raise ValueError(f"phase {self.name!r}: ask_share must be a share in [0, 1] or null")
         if self.size_mix is not None:
@@ -168,6 +181,12 @@ def load_recipe(path: str | Path) -> Recipe:
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     return recipe_from_dict(data, where=str(p))
+
+
+def slow_pairs_at(recipe: Recipe, index: int, default: int = 0) -> int:
+    """The rotary's slowed pairs in phase `index`: the last phase up to it that sets them."""
+    set_ = [p.rope_slow_pairs for p in recipe.phases[:index + 1] if p.rope_slow_pairs is not None]
+    return set_[-1] if set_ else default
 
 
 def same_settings(a: Recipe, b: Recipe) -> bool:

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from .batcher import Batcher, training_inputs
-from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size
+from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size, slow_rotary
 from .probes import _content, greedy_eval, image_dependence, premise_eval, query_dependence
-from .recipe import Recipe, choose_temperature, cut_short, recipe_from_dict, same_settings, shared_prefix
+from .recipe import (Recipe, choose_temperature, cut_short, recipe_from_dict, same_settings, shared_prefix,
+                     slow_pairs_at)
 
 REWARM_STEPS = 20  # learning-rate ramp after --init-from (fresh optimizer moments)
 LOG_EVERY = 20
@@ -253,8 +254,11 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     while state["step"] < recipe.total_steps and not state.get("stopped"):
         step = state["step"]
         index, phase, k = recipe.phase_at(step)
+        slow = slow_pairs_at(recipe, index, oc.rope_slow_pairs)
+        if slow_rotary(model, slow):  # entering a phase that re-times the rotary (no-op otherwise)
+            log({"step": step, "phase": phase.name, "rotary": model.config.get_text_config().rope_parameters})
         batcher.max_objects, batcher.size_mix, batcher.confusers = phase.max_objects, phase.size_mix, phase.confusers
-        batcher.ask_share = phase.ask_share
+        batcher.ask_share, batcher.detect_share = phase.ask_share, phase.detect_share
         batcher.rng.seed(recipe.seed * 1_000_003 + step)  # the same queries after a resume
         enc, answers, nxt = batcher.batch(state["next_index"], recipe.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
