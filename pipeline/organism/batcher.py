@@ -40,8 +40,8 @@ class Batcher:
             return None
         picked = self.rng.sample(queries, min(self.turns, len(queries)))
         xyxy = lambda o: (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3])  # noqa: E731
-        self._objects = [(o.category, xyxy(o)) for o in scene.objects]  # for a detect-all turn
-        return scene.image, [(cat, xyxy(o)) for cat, o in picked]
+        # Every object of the scene too, for a detect-all turn.
+        return scene.image, [(cat, xyxy(o)) for cat, o in picked], [(o.category, xyxy(o)) for o in scene.objects]
 
     def batch(self, start: int, size: int):
         """(encoded first-turn prompts, per example a list of (token ids, is-label) continuation
@@ -56,7 +56,7 @@ class Batcher:
                 continue
             images.append(ex[0])
             turns.append(ex[1])
-            scenes.append(self._objects)
+            scenes.append(ex[2])
         enc = ad.encode(images, [t[0][0] for t in turns])
         tok = ad.tokenizer
         eos = ad.eos_token_ids[:1]
