@@ -77,8 +77,7 @@ class Batcher:
                 ask = bool(k and not detect and self.ask_share and self.rng.random() < self.ask_share)
                 if k:
                     q = DETECT_PROMPT if detect else ask_prompt(model_box) if ask else ad.prompt(cat)
-                    user = f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-                    segs.append((tok(user, add_special_tokens=False)["input_ids"], False))
+                    segs.append((tok(user_turn(q), add_special_tokens=False)["input_ids"], False))
                 if detect:
                     answer = ad.answers_text(sorted(((ad.from_original(b, isz, osz), c) for c, b in objects),
                                                     key=lambda it: (it[0][0], it[0][1])))
@@ -91,6 +90,11 @@ class Batcher:
 
 # The detect-all turn's question; its answer lists every object left to right (by x1, then y1).
 DETECT_PROMPT = "Detect every object in the image. Output their bbox_2d and labels in JSON."
+
+
+def user_turn(question: str) -> str:
+    """A later user turn of a chat, after the previous answer's end-of-turn token."""
+    return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def ask_prompt(box) -> str:

@@ -188,11 +188,15 @@ def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8
     test = torch.tensor([s in test_scenes for s in scene_of])
     out = {"objects": int(len(scene_of)), "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}
     for where, xs in feats.items():
-        x = torch.stack(xs)
-        x = (x - x[~test].mean(0)) / x[~test].std(0).clamp_min(1e-6)
-        out[where] = {name: round(_softmax_regression(x, torch.tensor(y), test), 3)
-                      for name, y in (("colour", colours), ("shape", shapes))}
+        out[where] = _attribute_accuracy(torch.stack(xs), colours, shapes, test)
     return out
+
+
+def _attribute_accuracy(x: torch.Tensor, colours: list[int], shapes: list[int], test: torch.Tensor) -> dict:
+    """Held-out colour and shape accuracy of a linear read-out of features standardised on the fit split."""
+    x = (x - x[~test].mean(0)) / x[~test].std(0).clamp_min(1e-6)
+    return {name: round(_softmax_regression(x, torch.tensor(y), test), 3)
+            for name, y in (("colour", colours), ("shape", shapes))}
 
 
 def query_probe(adapter, n: int = 384, seed: int = 0) -> dict:
@@ -225,10 +229,7 @@ def query_probe(adapter, n: int = 384, seed: int = 0) -> dict:
     test[rng.choice(len(colours), len(colours) // 4, replace=False)] = True
     out = {"queries": len(colours), "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}
     for k in range(feats.shape[1]):
-        x = feats[:, k]
-        x = (x - x[~test].mean(0)) / x[~test].std(0).clamp_min(1e-6)
-        out[f"after_layer_{k}"] = {name: round(_softmax_regression(x, torch.tensor(y), test), 3)
-                                   for name, y in (("colour", colours), ("shape", shapes))}
+        out[f"after_layer_{k}"] = _attribute_accuracy(feats[:, k], colours, shapes, test)
     return out
 
 
@@ -238,7 +239,7 @@ def ask_probe(adapter, n: int = 192, seed: int = 0) -> dict:
     after one grounding turn of the same scene, as in training): top-1 accuracy of its colour word
     and of its shape word. It measures the other half of binding: whether the visual tokens at a
     place carry what the words name, and whether the language model can read them out."""
-    from .batcher import ask_prompt, training_inputs
+    from .batcher import ask_prompt, training_inputs, user_turn
     from ..ground import Query
     from .scenes import make_scene
 
@@ -261,15 +262,14 @@ def ask_probe(adapter, n: int = 192, seed: int = 0) -> dict:
     for b in range(0, len(items), 16):
         chunk = items[b:b + 16]
         enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
-        conts, asked = [], []
+        conts = []
         for (q, others), isz, osz in zip(chunk, enc.input_sizes, enc.orig_sizes):
             cat, box = others[0]
-            user = f"\n<|im_start|>user\n{ask_prompt(adapter.from_original(box, isz, osz))}<|im_end|>\n<|im_start|>assistant\n"
+            user = user_turn(ask_prompt(adapter.from_original(box, isz, osz)))
             conts.append([(tok(adapter.answer_text(adapter.from_original(q.gt, isz, osz), q.category),
                                add_special_tokens=False)["input_ids"] + eos, False),
                           (tok(user, add_special_tokens=False)["input_ids"], False),
                           (tok(cat, add_special_tokens=False)["input_ids"], True)])
-            asked.append(cat)
         inputs, labels = training_inputs(enc, conts, tok.pad_token_id)
         pred = model(**inputs).logits[:, :-1].argmax(-1)
         lab = labels[:, 1:]
