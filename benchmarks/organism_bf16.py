@@ -32,7 +32,7 @@ def run(bf16: bool, steps: int, batch_size: int, train_vision: bool) -> dict:
     times, losses, index = [], [], 0
     for step in range(steps + 1):
         batcher.rng.seed(step)
-        enc, conts, index = batcher.batch(index, batch_size)
+        enc, conts, index, _ = batcher.batch(index, batch_size)
         inputs, labels = training_inputs(enc, conts, ad.pad_token_id)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     idx, batches = 0, []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        enc, conts, idx = batcher.batch(idx, args.batch_size)
+        enc, conts, idx, _ = batcher.batch(idx, args.batch_size)
         batches.append((training_inputs(enc, conts, ad.pad_token_id), time.perf_counter() - t0))
     eager = _arm(model, batches, "eager")
     out = {"threads": args.threads, "batch_size": args.batch_size, "steps": len(eager) - 1, **_medians(eager)}

@@ -160,7 +160,7 @@ def test_ask_turns_name_the_object_at_a_box(tiny_adapter):
 
     ad = tiny_adapter
     plain = Batcher(ad, turns=3, seed=0).batch(0, 4)[1]
-    enc, conts, _ = Batcher(ad, turns=3, seed=0, ask_share=1.0).batch(0, 4)
+    enc, conts, _, _ = Batcher(ad, turns=3, seed=0, ask_share=1.0).batch(0, 4)
     tok = ad.tokenizer
     asked = 0
     for segs, base in zip(conts, plain):
@@ -243,13 +243,13 @@ def test_slowed_rotary_pairs_are_exactly_the_slowest_and_survive_a_save(tmp_path
 
 
 def test_phase_rope_slow_pairs_carry_to_later_phases():
-    from pipeline.organism.recipe import Phase, recipe_from_dict, slow_pairs_at
+    from pipeline.organism.recipe import Phase, recipe_from_dict, carried_at
 
     r = recipe_from_dict({"name": "r", "phases": [
         {"name": "a", "steps": 2, "lr": 1e-3}, {"name": "b", "steps": 2, "lr": 1e-3, "rope_slow_pairs": 2},
         {"name": "c", "steps": 2, "lr": 1e-3}, {"name": "d", "steps": 2, "lr": 1e-3, "rope_slow_pairs": 0}]})
-    assert [slow_pairs_at(r, i) for i in range(4)] == [0, 2, 2, 0]
-    assert slow_pairs_at(r, 0, default=3) == 3
+    assert [carried_at(r, i, "rope_slow_pairs", 0) for i in range(4)] == [0, 2, 2, 0]
+    assert carried_at(r, 0, "rope_slow_pairs", 3) == 3
     with pytest.raises(ValueError, match="rope_slow_pairs"):
         Phase("p", 1, 1e-3, rope_slow_pairs=-1)
 
@@ -285,7 +285,7 @@ def test_detect_turns_list_every_object_once_per_chat(tiny_adapter):
     plain = Batcher(ad, turns=3, seed=0).batch(0, 4)[1]
     # Unset, no random draw is spent on it: existing recipes make the same batches.
     assert Batcher(ad, turns=3, seed=0, detect_share=None).batch(0, 4)[1] == plain
-    enc, conts, _ = Batcher(ad, turns=3, seed=0, detect_share=1.0).batch(0, 4)
+    enc, conts, _, _ = Batcher(ad, turns=3, seed=0, detect_share=1.0).batch(0, 4)
     tok = ad.tokenizer
     index, detected = 0, 0
     for segs, base, isz, osz in zip(conts, plain, enc.input_sizes, enc.orig_sizes):
@@ -332,3 +332,117 @@ def test_phase_detect_share_validated():
     assert Phase("p", 1, 1e-3, detect_share=0.5).detect_share == 0.5
     with pytest.raises(ValueError, match="detect_share"):
         Phase("p", 1, 1e-3, detect_share=2.0)
+
+
+def test_text_first_prompt_puts_the_query_before_the_image(tiny_adapter, make_image):
+    """`query_order` text_first: the query's words come before the image in the user turn (so the
+    visual tokens can attend to them), the visual span is still found whole, and the sampler's
+    greedy row (explicit positions after the prefill) is what `generate` decodes from that prompt."""
+    import torch
+
+    from pipeline.sampling import SamplingConfig, sample
+
+    ad = tiny_adapter
+    images = [make_image(112, 98, seed=3), make_image(168, 140, seed=4)]
+    try:
+        for order in ("image_first", "text_first"):
+            ad.query_order = order
+            text = ad._prompt_texts(["red circle"], False)[0][0]
+            assert (text.index(ad.prompt("red circle")) < text.index(ad.processor.image_token)) == (order == "text_first")
+            enc = ad.encode(images, ["red circle", "blue square"])
+            ids = enc.inputs["input_ids"]
+            for i, pos in enumerate(enc.visual_positions):
+                assert (ids[i, pos] == ad.model.config.image_token_id).all()
+                assert pos.numel() == enc.grids[i][0] * enc.grids[i][1]
+                circle = ad.tokenizer(" circle" if i == 0 else " square", add_special_tokens=False)["input_ids"][-1]
+                word_at = ids[i].tolist().index(circle)
+                assert (word_at < int(pos[0])) == (order == "text_first")
+            with torch.inference_mode():
+                gen = sample(ad, enc, SamplingConfig(num_candidates=1, max_new_tokens=8, decode="full"), ["q0", "q1"])
+                ref = ad.model.generate(**enc.inputs, do_sample=False, max_new_tokens=8)
+            eos = ad.eos_token_ids[0]
+            for q in range(2):
+                row = ref[q, ids.shape[1]:].tolist()
+                assert gen.tokens[q * gen.k] == (row[: row.index(eos)] if eos in row else row)
+    finally:
+        ad.query_order = "image_first"
+
+
+def test_phase_query_order_and_turns_validated_and_carried():
+    from pipeline.organism.recipe import Phase, carried_at, recipe_from_dict
+
+    r = recipe_from_dict({"name": "r", "phases": [
+        {"name": "a", "steps": 2, "lr": 1e-3}, {"name": "b", "steps": 2, "lr": 1e-3, "query_order": "text_first"},
+        {"name": "c", "steps": 2, "lr": 1e-3, "turns": 1}]})
+    assert [carried_at(r, i, "query_order", "image_first") for i in range(3)] == ["image_first", "text_first", "text_first"]
+    with pytest.raises(ValueError, match="query_order"):
+        Phase("p", 1, 1e-3, query_order="query_last")
+    with pytest.raises(ValueError, match="turns"):
+        Phase("p", 1, 1e-3, turns=0)
+
+
+def test_target_probe_and_why_image_first_visual_tokens_cannot_know_the_target(tiny_adapter):
+    import torch
+
+    from pipeline.organism.batcher import cells_in_box
+    from pipeline.organism.binding import target_probe
+
+    ad = tiny_adapter
+    layers = ad.num_layers
+    res = target_probe(ad, n=16)
+    assert res["queries"] >= 8 and 0 < res["uniform"] < 1
+    assert len(res["target_attention_in_layer"]) == layers and len(res["knows_target_after_layer"]) == layers + 1
+    assert all(0 <= v <= 1 for v in res["target_attention_in_layer"] + res["knows_target_after_layer"])
+    # Cells: those whose centre is inside the box, else the one under its centre.
+    assert cells_in_box((0, 0, 56, 28), (3, 4), (84, 112), (84, 112)) == [0, 1]
+    assert cells_in_box((30, 30, 32, 32), (3, 4), (84, 112), (84, 112)) == [5]
+    # Image first, the visual tokens' states do not depend on the query (attention is causal);
+    # text first, they do: only then can a token know it is the object asked for.
+    image = S.make_scene("shapes", "calib", 0).image
+    try:
+        for order, differ in (("image_first", False), ("text_first", True)):
+            ad.query_order = order
+            states = []
+            for cat in ("red circle", "blue square"):
+                enc = ad.encode([image], [cat])
+                with torch.no_grad():
+                    hid = ad.model(**enc.inputs, output_hidden_states=True).hidden_states[-1]
+                states.append(hid[0, enc.visual_positions[0]])
+            assert (not torch.allclose(*states, atol=1e-5)) == differ
+    finally:
+        ad.query_order = "image_first"
+
+
+def test_target_cell_loss_reads_the_first_querys_cells(tiny_adapter):
+    """Weighted by three groups of cells (target, other objects, background); the batch says which
+    box each chat's first query names and where the scene's other objects are."""
+    import math
+
+    import torch
+
+    from pipeline.organism import Batcher
+    from pipeline.organism.batcher import target_cell_loss, training_inputs
+
+    ad = tiny_adapter
+    try:
+        ad.query_order = "text_first"
+        enc, conts, _, targets = Batcher(ad, turns=1, seed=0).batch(0, 3)
+        for (box, others), segs in zip(targets, conts):
+            assert f"[{', '.join(str(int(round(v))) for v in box)}]" in ad.tokenizer.decode(segs[0][0])
+            assert box not in others
+        assert sum(len(o) for _, o in targets) >= 1
+        inputs, _ = training_inputs(enc, conts, ad.pad_token_id)
+        ad.model.zero_grad(set_to_none=True)
+        hidden = ad.model(**inputs, output_hidden_states=True).hidden_states
+        ids = [ad.tokenizer(d, add_special_tokens=False)["input_ids"][-1] for d in ("0", "1")]
+        loss = target_cell_loss(ad.model, hidden, enc, targets, ids)
+        assert loss.item() > 0 and math.isfinite(loss.item())
+        loss.backward()
+        first = ad.model.model.language_model.layers[0].self_attn.q_proj.weight.grad
+        assert first is not None and first.abs().sum() > 0
+        # The same token for "in" and "out": every logit is 0, so the loss is exactly ln 2.
+        same = target_cell_loss(ad.model, [h.detach() for h in hidden], enc, targets, [ids[0], ids[0]])
+        assert same.item() == pytest.approx(math.log(2), abs=1e-6)
+    finally:
+        ad.query_order = "image_first"
+        ad.model.zero_grad(set_to_none=True)

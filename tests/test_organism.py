@@ -6,7 +6,7 @@ from pipeline.organism import Batcher, training_inputs
 def test_multi_turn_labels_are_the_answers_and_first_turn_is_the_inference_prompt(tiny_adapter):
     ad = tiny_adapter
     b = Batcher(ad, turns=3, seed=0)
-    enc, conts, nxt = b.batch(0, 2)
+    enc, conts, nxt, _ = b.batch(0, 2)
     assert nxt >= 2
     inputs, labels = training_inputs(enc, conts, ad.pad_token_id)
     tok = ad.tokenizer
@@ -29,7 +29,7 @@ def test_multi_turn_labels_are_the_answers_and_first_turn_is_the_inference_promp
 
 def test_single_turn_answer_ids_still_accepted(tiny_adapter):
     ad = tiny_adapter
-    enc, conts, _ = Batcher(ad, turns=1, seed=1).batch(0, 2)
+    enc, conts, _, _ = Batcher(ad, turns=1, seed=1).batch(0, 2)
     plain = [[t for seg, _ in c for t in seg] for c in conts]
     a, la = training_inputs(enc, conts, ad.pad_token_id)
     b, lb = training_inputs(enc, plain, ad.pad_token_id)
@@ -233,6 +233,36 @@ def test_train_recipe_resumes_forks_and_makes_its_card(tmp_path):
     cont = tmp_path / "cont"
     assert train(more, cont, threads=2, init_from=asset, print_fn=lambda s: None)["step"] == 6
     assert any(json.loads(line).get("init_from") for line in (cont / "train_log.jsonl").read_text().splitlines())
+
+
+def test_a_text_first_phase_trains_evaluates_and_exports_its_query_order(tmp_path):
+    """A phase that moves the query before the image: the switch is logged once (not again on a
+    resume), the checkpoint and the export record it, and the exported model loads prompting so."""
+    import json
+
+    import pytest
+
+    from pipeline.models.base import load_adapter
+    from pipeline.organism.model import export_organism
+    from pipeline.organism.train import train
+
+    recipe = _tiny(phases=[TINY["phases"][0], {**TINY["phases"][1], "query_order": "text_first", "turns": 1,
+                                               "target_cells": 0.5}])
+    out = tmp_path / "run"
+    assert train(recipe, out, threads=2, until_step=3, print_fn=lambda s: None)["step"] == 3
+    assert json.loads((out / "ckpt" / "acs_model.json").read_text())["query_order"] == "text_first"
+    assert json.loads((out / "phases" / "read" / "acs_model.json").read_text())["query_order"] == "image_first"
+    train(recipe, out, threads=2, print_fn=lambda s: None)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["query_order"]) for r in log if "query_order" in r and "eval" not in r] == [(2, "text_first")]
+    asset = tmp_path / "asset"
+    export_organism(out / "ckpt", asset, run_dir=out)
+    ad = load_adapter(str(asset), device="cpu")
+    assert ad.query_order == "text_first" and ad.messages("red circle")[0]["content"][0]["type"] == "text"
+    meta = json.loads((asset / "acs_model.json").read_text())
+    (asset / "acs_model.json").write_text(json.dumps({**meta, "query_order": "query_last"}))
+    with pytest.raises(ValueError, match="query_order 'query_last'"):
+        load_adapter(str(asset), device="cpu")
 
 
 def test_interrupted_checkpoint_swap_recovers(tmp_path):

@@ -17,6 +17,11 @@ import torch
 from ..boxes import RawBox, clamp_box, find_box, token_char_ends, tokens_for_spans
 
 PROMPT = "Detect the {category} in the image."
+# Where the query's words sit against the image in the user turn. Released checkpoints are prompted
+# image first. Text first lets the visual tokens read the query (attention is causal): each can
+# then tell whether it is the object asked for, instead of the answer having to match the query
+# against the image in one step. A model trained that way records it in acs_model.json.
+QUERY_ORDERS = ("image_first", "text_first")
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Adapter:
     # (no acs_model.json) and the recorded one otherwise.
     answer_style: str = "plain"
     released_style: str | None = None
+    query_order: str = "image_first"  # one of QUERY_ORDERS; `load_adapter` sets the recorded one
 
     def __init__(self, model, processor, model_id: str):
         self.model = model
@@ -99,6 +105,11 @@ class Adapter:
 
     def box_instruction(self, category: str) -> str:
         raise NotImplementedError
+
+    def messages(self, category: str) -> list[dict]:
+        """The single-query user turn, image and query in `query_order`."""
+        image, text = {"type": "image"}, {"type": "text", "text": self.prompt(category)}
+        return [{"role": "user", "content": [text, image] if self.query_order == "text_first" else [image, text]}]
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -314,12 +325,16 @@ def load_adapter(model: str = "organism", device: str | None = None, dtype: str 
         path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
         attn_implementation=attn_implementation,
     ).to(device).eval()
-    model_id, style = model, ADAPTERS[family].released_style
+    model_id, style, order = model, ADAPTERS[family].released_style, "image_first"
     meta = Path(path) / "acs_model.json"
     if os.path.isdir(path) and meta.exists():
         info = json.loads(meta.read_text())
         model_id, style = info.get("model_id", model), info.get("answer_style", "plain")
+        order = info.get("query_order", order)
+        if order not in QUERY_ORDERS:
+            raise ValueError(f"{meta}: query_order {order!r} is not one of {QUERY_ORDERS}")
     adapter = ADAPTERS[family](net, processor, model_id, **adapter_kwargs)
     if style is not None:
         adapter.answer_style = style
+    adapter.query_order = order
     return adapter

@@ -61,10 +61,6 @@ class InternVLAdapter(Adapter):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         return f"<ref>{category}</ref><box>[[{x1}, {y1}, {x2}, {y2}]]</box>"
 
-    def messages(self, category: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": self.prompt(category)}]}]
-
     # ---- layout -----------------------------------------------------------------------------
     @property
     def tile_size(self) -> int:

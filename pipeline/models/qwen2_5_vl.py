@@ -33,10 +33,6 @@ class Qwen25VLAdapter(Adapter):
             return "```json\n[\n" + ",\n".join(f"\t{p}" for p in parts) + "\n]\n```"
         return "[" + ", ".join(parts) + "]"
 
-    def messages(self, category: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": self.prompt(category)}]}]
-
     def encode(self, images, categories, opening: bool = False) -> Encoded:
         texts, opens = self._prompt_texts(categories, opening)
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True,

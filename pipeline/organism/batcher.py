@@ -4,8 +4,17 @@ exactly the answers (the organism is trained only to ground)."""
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
+
+
+class Batch(NamedTuple):
+    enc: object  # `models.base.Encoded`: the first-turn prompts
+    conts: list  # per example, (token ids, is-label) continuation segments
+    next_index: int  # the scene index the next batch starts at
+    # per example, (the first query's box, the scene's other objects' boxes), original pixels, xyxy
+    targets: list
 
 
 class Batcher:
@@ -43,9 +52,8 @@ class Batcher:
         # Every object of the scene too, for a detect-all turn.
         return scene.image, [(cat, xyxy(o)) for cat, o in picked], [(o.category, xyxy(o)) for o in scene.objects]
 
-    def batch(self, start: int, size: int):
-        """(encoded first-turn prompts, per example a list of (token ids, is-label) continuation
-        segments, next scene index). Labels cover the answers and their end-of-turn token only."""
+    def batch(self, start: int, size: int) -> Batch:
+        """`size` chats from scene `start` on. Labels cover the answers and their end-of-turn token only."""
         ad = self.adapter
         images, turns, scenes = [], [], []
         i = start
@@ -85,7 +93,7 @@ class Batcher:
                     answer = cat if ask else ad.answer_text(model_box, cat)
                 segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
             conts.append(segs)
-        return enc, conts, i
+        return Batch(enc, conts, i, [(t[0][1], [b for _, b in objs if b != t[0][1]]) for t, objs in zip(turns, scenes)])
 
 
 # The detect-all turn's question; its answer lists every object left to right (by x1, then y1).
@@ -101,6 +109,44 @@ def ask_prompt(box) -> str:
     """The auxiliary turn's question: what is at this box (model coordinates, as the answers write them)."""
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     return f"What is at [{x1}, {y1}, {x2}, {y2}] in the image? Answer with its name."
+
+
+def cells_in_box(box, grid, input_size, orig_size) -> list[int]:
+    """Raster indices of the merged-grid cells whose centre lies inside `box` (xyxy, original
+    pixels); the cell under the box's centre when none does (an object smaller than a cell)."""
+    (gh, gw), (ih, iw), (oh, ow) = grid, input_size, orig_size
+    sx, sy = iw / ow / (iw / gw), ih / oh / (ih / gh)  # original pixels -> cells
+    x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+    inside = [r * gw + c for r in range(gh) for c in range(gw) if x1 <= c + 0.5 < x2 and y1 <= r + 0.5 < y2]
+    centre = min(gh - 1, int((y1 + y2) / 2)) * gw + min(gw - 1, int((x1 + x2) / 2))
+    return inside or [centre]
+
+
+def target_cell_loss(model, hidden_states, enc, targets, marker_ids) -> torch.Tensor:
+    """`Phase.target_cells`: each visual token of the first turn's image says, through the model's
+    own norm and (tied) output head after the middle layer, whether it lies inside the box of the
+    object the query names: the logit of `marker_ids[1]` ("1") over `marker_ids[0]` ("0"), binary
+    cross-entropy averaged within three groups that count equally: the target's cells, the other
+    objects' cells and the background. (Two groups, target and the rest, would be met by marking
+    every object: the other objects are a few cells among a hundred.) Grounding supervision, per
+    token and in one step: text first, a token can learn to match the query's words against its
+    own features directly, which the answer then only has to look up. Nothing is added to the
+    model, and nothing reads attention."""
+    h = hidden_states[len(hidden_states) // 2]  # after the middle layer: later layers can read it
+    w = model.lm_head.weight[marker_ids[1]] - model.lm_head.weight[marker_ids[0]]
+    norm = model.model.language_model.norm
+    total = h.new_zeros(())
+    for i, ((box, others), pos) in enumerate(zip(targets, enc.visual_positions)):
+        where = (enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
+        group = torch.zeros(len(pos), dtype=torch.long)  # 0 background, 1 another object, 2 the target
+        for other in others:
+            group[cells_in_box(other, *where)] = 1
+        group[cells_in_box(box, *where)] = 2
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(norm(h[i, pos]).float() @ w.float(),
+                                                                   (group == 2).float(), reduction="none")
+        parts = [bce[group == g].mean() for g in range(3) if (group == g).any()]
+        total = total + sum(parts) / len(parts)
+    return total / len(targets)
 
 
 def training_inputs(enc, conts, pad_id: int):

@@ -8,6 +8,8 @@ answer's first coordinate.
   greedy pick the queried one? Chance is 1/2; which attribute is read shows here.
 - `prompt_attention`: from the position that writes the first coordinate, how much attention goes
   to the query's colour word, its shape word, the rest of the prompt and the image, per layer?
+- `target_probe`: does the answer's attention land on the queried object rather than the scene's
+  others, and (query before the image) do the visual tokens themselves know they are the target?
 - `rotary_table`: the radians each rotary pair turns per position: a pair that turns fast cannot
   match a word to the visual tokens of the same colour wherever they sit in the image.
 
@@ -301,7 +303,7 @@ def detect_probe(adapter, chats: int = 48, seed: int = 0) -> dict:
     batcher = Batcher(adapter, split="calib", seed=seed, turns=2, detect_share=1.0)
     right, seen = {k: 0 for k in ids}, {k: 0 for k in ids}
     for b in range(0, chats, 16):
-        enc, conts, _ = batcher.batch(b // 16 * 1000, min(16, chats - b))  # spread over the split
+        enc, conts, _, _ = batcher.batch(b // 16 * 1000, min(16, chats - b))  # spread over the split
         # Labels on the detect turn only (a chat's last segment).
         conts = [[(seg, lab and j == len(segs) - 1) for j, (seg, lab) in enumerate(segs)] for segs in conts]
         inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
@@ -312,6 +314,72 @@ def detect_probe(adapter, chats: int = 48, seed: int = 0) -> dict:
             seen[name] += int(m.sum())
     model.train(was)
     return {"labels": seen["colour"], **{k: round(right[k] / max(1, seen[k]), 3) for k in ids}}
+
+
+def target_probe(adapter, n: int = 192, seed: int = 0) -> dict:
+    """Does the model know which object is asked for before it writes the first coordinate?
+    Per layer, on calib queries:
+    - `target_attention`: of the attention that the position writing x1 gives to the scene's
+      objects' visual tokens, the share on the queried object's own tokens (mean over heads and
+      queries), against `uniform`, the share of those tokens that are the target's;
+    - `knows_target`: held-out accuracy of a linear read-out, from the hidden state of the visual
+      token under an object's centre, of whether that object is the one asked for (per query the
+      target and one other object: chance 0.5; 75% / 25% split by scene). With the image before
+      the query (causal attention) the visual tokens cannot see the query, so this is exactly
+      chance; text first, it measures whether each token has worked out that it is the object
+      asked for."""
+    from .batcher import cells_in_box
+    from .scenes import scene_queries
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    text_cfg = model.config.get_text_config()
+    impl = text_cfg._attn_implementation
+    text_cfg._attn_implementation = "eager"  # sdpa returns no attention weights
+    items = [it for it in scene_queries("shapes", "calib", n, seed=seed) if it[2]]  # a scene of 2+ objects
+    rng = np.random.default_rng(seed)
+    share, uniform, feats, labels = None, [], [], []
+    try:
+        for b in range(0, len(items), 8):
+            chunk = items[b:b + 8]
+            enc = adapter.encode([q.image for q, _, _ in chunk], [q.category for q, _, _ in chunk], opening=True)
+            with torch.no_grad():
+                res = model(**enc.inputs, output_attentions=True, output_hidden_states=True)
+            for j, (q, _, others) in enumerate(chunk):
+                where = (enc.grids[j], enc.input_sizes[j], enc.orig_sizes[j])
+                mine = set(cells_in_box(q.gt, *where))
+                theirs = set().union(*(cells_in_box(o, *where) for o in others)) - mine
+                vis = enc.visual_positions[j]
+                t_pos, o_pos = vis[sorted(mine)], vis[sorted(theirs)] if theirs else vis[:0]
+                rows = torch.stack([a[j, :, -1].float().mean(0) for a in res.attentions])  # (L, T)
+                t_mass, o_mass = rows[:, t_pos].sum(1), rows[:, o_pos].sum(1)
+                s = (t_mass / (t_mass + o_mass).clamp_min(1e-12)).unsqueeze(0)
+                share = s if share is None else torch.cat([share, s])
+                uniform.append(len(mine) / (len(mine) + len(theirs)))
+                other = others[int(rng.integers(len(others)))]
+                for box, lab in ((q.gt, 1), (other, 0)):
+                    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+                    t = cells_in_box((cx, cy, cx, cy), *where)[0]
+                    feats.append(torch.stack([h[j, vis[t]].float() for h in res.hidden_states]))
+                    labels.append(lab)
+    finally:
+        text_cfg._attn_implementation = impl
+        model.train(was)
+    x, y = torch.stack(feats), torch.tensor(labels)
+    # Split by scene: a scene's other queries make its target another query's "other object", with
+    # nearly the same features, and a split by query would score that leak (below chance).
+    scene_of = [q.query_id.split(":")[0] for q, _, _ in items for _ in (0, 1)]
+    scenes = sorted(set(scene_of))
+    held = set(rng.choice(len(scenes), max(1, len(scenes) // 4), replace=False).tolist())
+    test = torch.tensor([scenes.index(s) in held for s in scene_of])
+    knows = []
+    for k in range(x.shape[1]):
+        xk = (x[:, k] - x[~test, k].mean(0)) / x[~test, k].std(0).clamp_min(1e-6)
+        knows.append(round(_softmax_regression(xk, y, test), 3))
+    return {"queries": len(items), "uniform": round(float(np.mean(uniform)), 3),
+            "target_attention_in_layer": [round(v, 3) for v in share.mean(0).tolist()],
+            "knows_target_after_layer": knows}
 
 
 def _softmax_regression(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, steps: int = 300) -> float:
@@ -363,6 +431,7 @@ def run_all(path: str, n: int = 96, print_fn=None) -> dict:
                      ("query_probe", lambda: query_probe(adapter)),
                      ("ask_probe", lambda: ask_probe(adapter)),
                      ("detect_probe", lambda: detect_probe(adapter)),
+                     ("target_probe", lambda: target_probe(adapter)),
                      ("linear_probe", lambda: linear_probe(adapter))):
         out[name] = fn()
         if print_fn:

@@ -54,6 +54,18 @@ class Phase:
     # weight changes shape; the change is in the checkpoint's config (Qwen2.5-VL's own `llama3`
     # rope type). None: as the phase before (the model's own at the first phase).
     rope_slow_pairs: int | None = None
+    # From this phase on, the user turn puts the query before or after the image (one of
+    # `models.base.QUERY_ORDERS`; exported into acs_model.json, so inference prompts as trained).
+    # Text first, every visual token can read the query: whether it is the object asked for is
+    # then a feature of the token itself. None: as the phase before (image first at the start).
+    query_order: str | None = None
+    # Queries per training chat in this phase (None: the recipe's `turns`). Later turns come after
+    # the image whatever `query_order` says, so a text-first phase may want only the first.
+    turns: int | None = None
+    # Weight of `batcher.target_cell_loss` added to the answers' cross-entropy: each visual token of
+    # the first turn's image says whether it lies inside the queried object's box. Needs the
+    # query before the image (`query_order` text_first), or the tokens cannot see it. None: off.
+    target_cells: float | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
@@ -65,6 +77,14 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: confusers must be a share in [0, 1] or null")
         if self.rope_slow_pairs is not None and self.rope_slow_pairs < 0:
             raise ValueError(f"phase {self.name!r}: rope_slow_pairs must be >= 0 or null")
+        from ..models.base import QUERY_ORDERS
+
+        if self.query_order is not None and self.query_order not in QUERY_ORDERS:
+            raise ValueError(f"phase {self.name!r}: query_order must be one of {QUERY_ORDERS} or null")
+        if self.target_cells is not None and self.target_cells < 0:
+            raise ValueError(f"phase {self.name!r}: target_cells must be a weight >= 0 or null")
+        if self.turns is not None and self.turns < 1:
+            raise ValueError(f"phase {self.name!r}: turns must be >= 1 or null")
         if self.detect_share is not None and not 0 <= self.detect_share <= 1:
             raise ValueError(f"phase {self.name!r}: detect_share must be a share in [0, 1] or null")
         if self.ask_share is not None and not 0 <= self.ask_share <= 1:
@@ -122,6 +142,12 @@ class Recipe:
     temperature: float = 1.0  # the sampling temperature the premise evaluations (and Stop) use
     final_temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)  # compared once at the end, on calib
     stop: Stop = field(default_factory=Stop)
+
+    def __post_init__(self):
+        for i, p in enumerate(self.phases):
+            if p.target_cells and carried_at(self, i, "query_order", "image_first") != "text_first":
+                raise ValueError(f"phase {p.name!r}: target_cells needs query_order text_first (image first, "
+                                 f"the visual tokens cannot see the query)")
 
     @property
     def total_steps(self) -> int:
@@ -183,9 +209,10 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data, where=str(p))
 
 
-def slow_pairs_at(recipe: Recipe, index: int, default: int = 0) -> int:
-    """The rotary's slowed pairs in phase `index`: the last phase up to it that sets them."""
-    set_ = [p.rope_slow_pairs for p in recipe.phases[:index + 1] if p.rope_slow_pairs is not None]
+def carried_at(recipe: Recipe, index: int, name: str, default):
+    """A setting that carries forward (`rope_slow_pairs`, `query_order`) in phase `index`: the
+    last phase up to it that sets it, else `default`."""
+    set_ = [getattr(p, name) for p in recipe.phases[:index + 1] if getattr(p, name) is not None]
     return set_[-1] if set_ else default
 
 

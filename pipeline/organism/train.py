@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .batcher import Batcher, training_inputs
+from .batcher import Batcher, target_cell_loss, training_inputs
 from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size, slow_rotary
 from .probes import _content, greedy_eval, image_dependence, premise_eval, query_dependence
-from .recipe import (Recipe, choose_temperature, cut_short, recipe_from_dict, same_settings, shared_prefix,
-                     slow_pairs_at)
+from .recipe import (Recipe, carried_at, choose_temperature, cut_short, recipe_from_dict, same_settings,
+                     shared_prefix)
 
 REWARM_STEPS = 20  # learning-rate ramp after --init-from (fresh optimizer moments)
 LOG_EVERY = 20
@@ -189,6 +189,8 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     set_input_size(processor, oc.input_width, oc.input_height)
     model.config.get_text_config()._attn_implementation = "sdpa"
     adapter = Qwen25VLAdapter(model, processor, "organism")
+    if (ckpt / "acs_model.json").exists():  # the order the checkpoint was trained with, till a phase changes it
+        adapter.query_order = json.loads((ckpt / "acs_model.json").read_text()).get("query_order", "image_first")
     print_fn(f"organism: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"recipe {recipe.name!r}: {recipe.total_steps} steps in {len(recipe.phases)} phases")
 
@@ -209,7 +211,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     wall = lambda: wall0 + time.time() - t_start  # noqa: E731
     meta = lambda: {"model_id": "organism", "family": "qwen2.5-vl", "organism_config": asdict(oc),  # noqa: E731
                     "recipe": recipe.name, "recipe_spec": recipe.to_dict(), "steps": state["step"], "next_index": state["next_index"],
-                    "wall_s": state["wall_s"]}
+                    "wall_s": state["wall_s"], "query_order": adapter.query_order}
 
     def checkpoint(dest: Path = ckpt) -> None:
         # Written beside the old one and swapped in, so a kill mid-write loses nothing.
@@ -250,17 +252,24 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
 
     model.train()
     losses: list[float] = []
+    cell_losses: list[float] = []  # `Phase.target_cells`, logged beside the answers' loss
     pad = adapter.pad_token_id
+    markers = [adapter.tokenizer(d, add_special_tokens=False)["input_ids"][-1] for d in ("0", "1")]
     while state["step"] < recipe.total_steps and not state.get("stopped"):
         step = state["step"]
         index, phase, k = recipe.phase_at(step)
-        slow = slow_pairs_at(recipe, index, oc.rope_slow_pairs)
+        slow = carried_at(recipe, index, "rope_slow_pairs", oc.rope_slow_pairs)
         if slow_rotary(model, slow):  # entering a phase that re-times the rotary (no-op otherwise)
             log({"step": step, "phase": phase.name, "rotary": model.config.get_text_config().rope_parameters})
+        order = carried_at(recipe, index, "query_order", "image_first")
+        if order != adapter.query_order:  # evaluations and the exported model prompt as trained
+            adapter.query_order = order
+            log({"step": step, "phase": phase.name, "query_order": order})
+        batcher.turns = phase.turns or recipe.turns
         batcher.max_objects, batcher.size_mix, batcher.confusers = phase.max_objects, phase.size_mix, phase.confusers
         batcher.ask_share, batcher.detect_share = phase.ask_share, phase.detect_share
         batcher.rng.seed(recipe.seed * 1_000_003 + step)  # the same queries after a resume
-        enc, answers, nxt = batcher.batch(state["next_index"], recipe.batch_size)
+        enc, answers, nxt, targets = batcher.batch(state["next_index"], recipe.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
         if visual and visual[0].requires_grad != phase.train_vision:  # a frozen tower needs no backward
             for p in visual:
@@ -274,9 +283,14 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
             g["lr"] = (lr * phase.vision_lr_scale if phase.train_vision else 0.0) if g["vision"] \
                 else lr * phase.text_lr_scale
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
-            logits = model(**inputs).logits[:, :-1]
+            res = model(**inputs, output_hidden_states=bool(phase.target_cells))
+        logits = res.logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
+        if phase.target_cells:
+            cells = target_cell_loss(model, res.hidden_states, enc, targets, markers)
+            cell_losses.append(cells.item())
+            loss = loss + phase.target_cells * cells
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,9 +299,13 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
         state["step"], state["next_index"] = step + 1, nxt
         s = state["step"]
         if s % LOG_EVERY == 0:
-            log({"step": s, "phase": phase.name, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
-                 "vision_content": round(sum(vstats) / max(1, len(vstats)), 4), "wall_s": round(wall(), 1)})
+            rec = {"step": s, "phase": phase.name, "loss": round(sum(losses) / len(losses), 5), "lr": lr,
+                   "vision_content": round(sum(vstats) / max(1, len(vstats)), 4), "wall_s": round(wall(), 1)}
+            if cell_losses:  # `loss` is the answers' cross-entropy plus the weighted cell loss
+                rec["target_cells_loss"] = round(sum(cell_losses) / len(cell_losses), 5)
+            log(rec)
             losses.clear()
+            cell_losses.clear()
             vstats.clear()
         phase_done = s == recipe.phase_end(index)
         # The run's last step is evaluated once, by the final comparison of temperatures below.
