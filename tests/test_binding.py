@@ -264,6 +264,10 @@ def test_query_and_ask_probes_score_between_chance_bounds(tiny_adapter):
     assert all(0.0 <= q[k][a] <= 1.0 for k in layers for a in ("colour", "shape"))
     # Before any layer the position holds the same token for every query: nothing to read there.
     assert q["after_layer_0"]["colour"] <= 0.5 and q["after_layer_0"]["shape"] <= 0.5
+    qi = query_probe(tiny_adapter, n=16, where="image")
+    assert [k for k in qi if k.startswith("after_layer_")] == layers and qi["queries"] == 16
+    with pytest.raises(ValueError, match="where"):
+        query_probe(tiny_adapter, n=16, where="prompt")
     a = ask_probe(tiny_adapter, n=8)
     assert a["asked"] == 8 and all(0.0 <= a[k] <= 1.0 for k in ("colour", "shape", "both"))
     assert a["both"] <= min(a["colour"], a["shape"])
@@ -446,3 +450,15 @@ def test_target_cell_loss_reads_the_first_querys_cells(tiny_adapter):
     finally:
         ad.query_order = "image_first"
         ad.model.zero_grad(set_to_none=True)
+
+
+def test_wrong_object_probe_splits_wrong_answers_by_the_shared_word(tiny_adapter):
+    from pipeline.organism.binding import run_all, wrong_object_probe
+
+    w = wrong_object_probe(tiny_adapter, n=16)
+    assert w["queries"] == 16 and 0 <= w["other_object"] <= 16
+    assert w["same_colour"] + w["same_shape"] + w["neither"] == w["other_object"]
+    assert 0 <= w["larger"] <= w["other_object"]
+    # A probe name that does not exist fails before any checkpoint is read.
+    with pytest.raises(ValueError, match="unknown probes"):
+        run_all("no/such/checkpoint", only=["wrong_objects", "nope"])

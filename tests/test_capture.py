@@ -102,6 +102,23 @@ def test_capture_matches_eager_attention(family_adapter, batch, full_capture):
     assert max((m - 1 / m.shape[-1]).abs().max().item() for m in maps if m is not None) > 1e-3
 
 
+
+def test_capture_matches_eager_attention_query_first(family_adapter, eager_model, images):
+    """A checkpoint trained with the query before the image (`query_order` text_first, recorded in
+    its acs_model.json) is captured as exactly: the visual span moves, the maps do not change kind."""
+    ad = family_adapter
+    try:
+        ad.query_order = "text_first"
+        enc = ad.encode(images, CATS)
+        gen = sample(ad, enc, CFG, ["qa", "qb"])
+        wanted = _wanted(gen)
+        refs = _eager_reference(ad, eager_model, images, enc, gen, wanted)
+        maps = capture_rows(ad, enc, gen, wanted, list(range(ad.num_layers)))
+    finally:
+        ad.query_order = "image_first"
+    compared = [(m - ref).abs().max().item() for m, ref in zip(maps, refs) if ref is not None]
+    assert len(compared) >= 2 and max(compared) <= 1e-5
+
 def test_capture_visual_mass_matches_eager(family_adapter, eager_model, batch, images):
     """mass_rows: the share of those rows' attention on the image before renormalising, which the
     localization-heads baseline ranks heads by; row 0 is the prompt's last token."""

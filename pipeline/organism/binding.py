@@ -19,7 +19,6 @@ answer's first coordinate.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import torch
@@ -201,12 +200,15 @@ def _attribute_accuracy(x: torch.Tensor, colours: list[int], shapes: list[int], 
             for name, y in (("colour", colours), ("shape", shapes))}
 
 
-def query_probe(adapter, n: int = 384, seed: int = 0) -> dict:
+def query_probe(adapter, n: int = 384, seed: int = 0, where: str = "answer") -> dict:
     """Softmax-regression accuracy of the *query's* colour and shape read from the hidden state of
-    the position that writes x1, after each layer (75% / 25% split by query). The words are in the
-    prompt, so whatever reads them here was gathered from the text: high accuracy with no binding
-    means the query reaches the answer and the match against the image fails; chance means the
-    query never arrives where the first coordinate is written."""
+    the position that writes x1 (`where="answer"`), or from the mean of the image's visual tokens
+    (`where="image"`: with the query before the image, did its words reach the tokens that must
+    match them?), after each layer (75% / 25% split by query). The words are in the prompt, so
+    whatever reads them here was gathered from the text: high accuracy with no binding means the
+    query arrives and the match against the image fails; chance means it never arrives."""
+    if where not in ("answer", "image"):
+        raise ValueError(f"query_probe: where must be 'answer' or 'image', not {where!r}")
     from .scenes import COLOURS, SHAPES, grounding_queries
 
     model = adapter.model
@@ -219,7 +221,11 @@ def query_probe(adapter, n: int = 384, seed: int = 0) -> dict:
         enc = adapter.encode([q.image for q in chunk], [q.category for q in chunk], opening=True)
         with torch.no_grad():
             hidden = model(**enc.inputs, output_hidden_states=True).hidden_states
-        last = torch.stack([h[:, -1].float() for h in hidden], 1)  # (B, L + 1, D)
+        if where == "image":
+            last = torch.stack([torch.stack([h[j, enc.visual_positions[j]].float().mean(0) for j in range(len(chunk))])
+                                for h in hidden], 1)  # (B, L + 1, D)
+        else:
+            last = torch.stack([h[:, -1].float() for h in hidden], 1)  # (B, L + 1, D)
         feats = last if feats is None else torch.cat([feats, last])
         for q in chunk:
             c, sh = q.category.split(" ")
@@ -418,29 +424,86 @@ def rotary_table(adapter) -> dict:
             "pairs_free_of_image_position": sec[0] + len(slow)}
 
 
-def run_all(path: str, n: int = 96, print_fn=None) -> dict:
-    """Every probe on one checkpoint; `print_fn` gets each result as it comes (the linear probe,
-    last, is the slow one: ~300 forwards)."""
+def wrong_object_probe(adapter, n: int = 192, seed: int = 0) -> dict:
+    """Greedy answers on the first `n` calib queries that land on another object of the scene
+    (`metrics.answer_outcomes` "other_object"), by what that object shares with the query: its
+    colour (another shape), its shape (another colour), or neither; and how many of those objects
+    are larger than the target. Tells which word of the query the answer does not yet read."""
+    from ..metrics import box_iou, paired_iou
+    from ..sampling import SamplingConfig, sample
+    from .scenes import make_scene
+
+    def xyxy(o):
+        x, y, w, h = o.bbox
+        return (x, y, x + w, y + h)
+
+    items, i = [], 0
+    while len(items) < n:
+        scene = make_scene("shapes", "calib", i, seed=seed)
+        items += [(scene, cat, obj) for cat, obj in scene.queries()]
+        i += 1
+    items = items[:n]
+    was = adapter.model.training
+    adapter.model.eval()
+    out = {"queries": n, "other_object": 0, "same_colour": 0, "same_shape": 0, "neither": 0, "larger": 0}
+    for b in range(0, n, 16):
+        chunk = items[b:b + 16]
+        enc = adapter.encode([s.image for s, _, _ in chunk], [c for _, c, _ in chunk])
+        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
+                     [f"wrong-{b + j}" for j in range(len(chunk))])
+        for j, (scene, cat, obj) in enumerate(chunk):
+            _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
+            others = [o for o in scene.objects if o is not obj]
+            if parsed.box is None or paired_iou(np.array([parsed.box]), np.array([xyxy(obj)]))[0] >= 0.5:
+                continue
+            ious = box_iou(np.array([parsed.box]), np.array([xyxy(o) for o in others]))[0]
+            k = int(np.argmax(ious))
+            if ious[k] < 0.3:  # the evaluation's threshold for "on another object"
+                continue
+            (qc, qs), (oc, os_) = cat.split(" "), others[k].category.split(" ")
+            out["other_object"] += 1
+            out["same_colour" if qc == oc else "same_shape" if qs == os_ else "neither"] += 1
+            out["larger"] += others[k].area > obj.area
+    adapter.model.train(was)
+    return out
+
+
+def run_all(path: str, n: int = 96, print_fn=None, only: list[str] | None = None) -> dict:
+    """Every probe on one checkpoint (or those named in `only`); `print_fn` gets each result as it
+    comes (the linear probe, last, is the slow one: ~300 forwards)."""
     from ..models.base import load_adapter
 
+    probes = (("tokenization", tokenization), ("rotary", rotary_table),
+              ("pairs", lambda a: pair_probe(a, n=n)),
+              ("prompt_attention", lambda a: prompt_attention(a, n=min(n, 48))),
+              ("query_probe", query_probe),
+              ("query_at_image", lambda a: query_probe(a, where="image")),
+              ("ask_probe", ask_probe), ("detect_probe", detect_probe), ("target_probe", target_probe),
+              ("wrong_objects", lambda a: wrong_object_probe(a, n=2 * n)),
+              ("linear_probe", linear_probe))
+    unknown = set(only or ()) - {name for name, _ in probes}
+    if unknown:  # before loading anything
+        raise ValueError(f"unknown probes {sorted(unknown)}; known: {[name for name, _ in probes]}")
     adapter = load_adapter(path, device="cpu", dtype="fp32")
     out = {"checkpoint": path}
-    for name, fn in (("tokenization", lambda: tokenization(adapter)), ("rotary", lambda: rotary_table(adapter)),
-                     ("pairs", lambda: pair_probe(adapter, n=n)),
-                     ("prompt_attention", lambda: prompt_attention(adapter, n=min(n, 48))),
-                     ("query_probe", lambda: query_probe(adapter)),
-                     ("ask_probe", lambda: ask_probe(adapter)),
-                     ("detect_probe", lambda: detect_probe(adapter)),
-                     ("target_probe", lambda: target_probe(adapter)),
-                     ("linear_probe", lambda: linear_probe(adapter))):
-        out[name] = fn()
+    for name, fn in probes:
+        if only and name not in only:
+            continue
+        out[name] = fn(adapter)
         if print_fn:
             print_fn(json.dumps({name: out[name]}))
     return out
 
 
 if __name__ == "__main__":
-    res = run_all(sys.argv[1] if len(sys.argv) > 1 else "pipeline/assets/organism", print_fn=print)
-    if len(sys.argv) > 2:
-        with open(sys.argv[2], "w") as f:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The binding probes on one checkpoint, one JSON line each.")
+    ap.add_argument("ckpt", nargs="?", default="pipeline/assets/organism")
+    ap.add_argument("out", nargs="?", default=None, help="also write every result to this JSON file")
+    ap.add_argument("--only", default=None, help="comma-separated probe names (e.g. pairs,wrong_objects)")
+    args = ap.parse_args()
+    res = run_all(args.ckpt, print_fn=print, only=args.only.split(",") if args.only else None)
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
