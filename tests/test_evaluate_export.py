@@ -190,3 +190,16 @@ def test_paired_benchmark_pairs_any_two_selectors(run, capsys):
         assert ours["acc_diff"] == pytest.approx(theirs["acc_diff"])
     # The oracle never loses to ACS-Free: ACS-Free wins nothing against it.
     assert rows["oracle", "all"]["won"] == 0 and rows["oracle", "all"]["acc_diff"] <= 0
+
+
+def test_score_iou_benchmark_pooled_and_within_query(run, capsys):
+    """benchmarks.score_iou: the oracle's score is the IoU itself, so both figures are 1 for it;
+    every figure is a correlation."""
+    from benchmarks.score_iou import main
+
+    assert main([str(run), "--scores", "oracle,logprob"]) == 0
+    rows = {r["score"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["oracle"]["pearson"] == pytest.approx(1.0) and rows["oracle"]["within_query_spearman"] == pytest.approx(1.0)
+    assert -1 <= rows["logprob"]["pearson"] <= 1 and -1 <= rows["logprob"]["within_query_spearman"] <= 1
+    with pytest.raises(SystemExit, match="no column"):
+        main([str(run), "--scores", "nope"])

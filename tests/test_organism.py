@@ -314,3 +314,25 @@ def test_organism_reads_scenes_unresized_and_resizes_other_images_like_qwen():
         if size == (WIDTH, HEIGHT):  # the scenes themselves: exactly 12 x 9 tokens, no resize
             assert (h, w) == (HEIGHT, WIDTH) and thw == [1, 18, 24]
         # (640x480 lands on 336x224, not 336x252: smart_resize floors 480 / 1.905 / 28 = 8.999...)
+
+
+def test_premise_table_keeps_one_row_per_step_and_temperature(tmp_path):
+    """ship.sh measures the shipped step's premise again after the recipe's own final one: the
+    card lists each (step, T) once, with the last measurement."""
+    import json
+
+    from pipeline.organism.card import premise_table
+
+    def prem(acc):
+        b = {k: {"acc50": acc, "miou": acc} for k in ("small", "medium", "large", "all")}
+        return {"greedy": b, "oracle": b, "oracle_room_small": 0.0, "no_box_share_sampled": 0.0,
+                "best_head_spearman": 0.0, "median_head_spearman": 0.0}
+
+    log = [{"step": 10, "premise": {"1.0": prem(0.1)}},
+           {"step": 20, "premise": {"0.7": prem(0.2), "1.0": prem(0.3)}},
+           {"step": 20, "premise": {"0.7": prem(0.4), "1.0": prem(0.5)}}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    rows = [r for r in premise_table(tmp_path).splitlines()[2:]]
+    assert [r.split(" | ")[:3] for r in rows] == [["| 10", "1.0", "0.10 / 0.10 / 0.10"],
+                                                  ["| 20", "0.7", "0.40 / 0.40 / 0.40"],
+                                                  ["| 20", "1.0", "0.50 / 0.50 / 0.50"]]

@@ -100,10 +100,16 @@ PREMISE_HEADER = ["| step | T | greedy Acc@0.5 s / m / l | best-of-N Acc@0.5 s /
 
 
 def premise_table(run: str | Path) -> str:
-    rows = list(PREMISE_HEADER)
+    # One row per (step, T), the last measured: ship.sh measures the shipped step again, and the
+    # recipe's own final premise may already have.
+    latest: dict[tuple[int, str], dict] = {}
     for r in read_log(run):
-        if r.get("premise"):
-            rows += premise_rows(r["step"], r["premise"])
+        for t, p in (r.get("premise") or {}).items():
+            latest.pop((r["step"], t), None)
+            latest[(r["step"], t)] = p
+    rows = list(PREMISE_HEADER)
+    for (step, t), p in sorted(latest.items(), key=lambda kv: kv[0][0]):
+        rows += premise_rows(step, {t: p})
     return "\n".join(rows)
 
 

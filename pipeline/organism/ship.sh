@@ -18,7 +18,8 @@ PY=${PY:-.venv/bin/python}
 export PY  # results.sh runs the CLI with it
 ASSET=pipeline/assets/organism
 [ -f "$RUN/ckpt/state.json" ] || { echo "ship.sh: $RUN has no checkpoint" >&2; exit 2; }
-if pgrep -f "train_organism.*--out $RUN" >/dev/null; then
+# `acs train-organism` or `python -m jobs.train_organism`, on this run and not on one whose name starts with it
+if pgrep -f "train[-_]organism.*--out ${RUN%/}( |/|$)" >/dev/null; then
   echo "ship.sh: training still runs on $RUN; stop it first (it resumes from its checkpoint)" >&2; exit 2
 fi
 start=$SECONDS
