@@ -75,8 +75,18 @@ def test_phase_confusers_validated():
     from pipeline.organism.recipe import Phase
 
     assert Phase("p", 1, 1e-3, confusers=0.5).confusers == 0.5
-    with pytest.raises(ValueError, match="confusers"):
-        Phase("p", 1, 1e-3, confusers=1.5)
+    assert Phase("p", 1, 1e-3, confusers="colour").confusers == "colour"
+    for bad in (1.5, "size"):
+        with pytest.raises(ValueError, match="confusers"):
+            Phase("p", 1, 1e-3, confusers=bad)
+    # Every training scene of a "colour" phase shares one colour: only the shape word tells its
+    # objects apart (the batcher hands the setting to make_scene; it needs no model for that).
+    from pipeline.organism import Batcher
+
+    b = Batcher(None, confusers="colour")
+    scenes = [ex[2] for ex in map(b.example, range(6)) if ex is not None]
+    assert scenes and all(len({c.split(" ")[0] for c, _ in objs}) == 1 for objs in scenes)
+    assert any(len(objs) > 1 for objs in scenes)
 
 
 def test_mrope_section_configurable_and_checked():

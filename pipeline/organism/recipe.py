@@ -31,8 +31,9 @@ class Phase:
     size_mix: tuple[float, float, float] | None = None
     # Share of training scenes whose other objects each share the colour or the shape of one
     # object (`scenes.make_scene(confusers=...)`): an answer that reads one word of the query is
-    # then wrong as often as a random pick. None: the benchmark's own draw.
-    confusers: float | None = None
+    # then wrong as often as a random pick. "colour" / "shape": every scene, that attribute shared,
+    # so only the other word of the query finds the object. None: the benchmark's own draw.
+    confusers: float | str | None = None
     # Share of the later turns of a training chat that ask the other way round: "what is at
     # [box]?", answered with the category (`batcher.ask_prompt`). None: none do.
     ask_share: float | None = None
@@ -73,8 +74,9 @@ class Phase:
                              f"0 <= min_lr_frac <= 1 are required")
         if self.max_objects is not None and self.max_objects < 1:
             raise ValueError(f"phase {self.name!r}: max_objects must be >= 1 or null")
-        if self.confusers is not None and not 0 <= self.confusers <= 1:
-            raise ValueError(f"phase {self.name!r}: confusers must be a share in [0, 1] or null")
+        if self.confusers is not None and not (self.confusers in ("colour", "shape") or (
+                not isinstance(self.confusers, str) and 0 <= self.confusers <= 1)):
+            raise ValueError(f"phase {self.name!r}: confusers must be a share in [0, 1], 'colour', 'shape' or null")
         if self.rope_slow_pairs is not None and self.rope_slow_pairs < 0:
             raise ValueError(f"phase {self.name!r}: rope_slow_pairs must be >= 0 or null")
         from ..models.base import QUERY_ORDERS
