@@ -59,11 +59,9 @@ def pair_probe(adapter, n: int = 96, seed: int = 0) -> dict:
     its two objects. `picks_target` = right / (right + other object): 0.5 is a coin toss."""
     from ..ground import Query
     from ..metrics import answer_outcomes
-    from ..sampling import SamplingConfig, sample
+    from .probes import greedy_boxes
     from .scenes import make_scene
 
-    was = adapter.model.training
-    adapter.model.eval()
     out = {}
     for share in ("colour", "shape", None):
         items, i = [], 0
@@ -76,21 +74,12 @@ def pair_probe(adapter, n: int = 96, seed: int = 0) -> dict:
                 boxes = [(x, y, x + w, y + h) for x, y, w, h in (o.bbox for _, o in qs)]
                 items.append((Query(f"pair-{share}-{i}", scene.image, qs[k][0], boxes[k]), [boxes[1 - k]]))
             i += 1
-        pred = []
-        for b in range(0, n, 16):
-            chunk = items[b:b + 16]
-            enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
-            gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
-                         [q.query_id for q, _ in chunk])
-            for j in range(len(chunk)):
-                _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
-                pred.append(parsed.box if parsed.box is not None else (float("nan"),) * 4)
-        oc = answer_outcomes(np.array(pred), np.array([q.gt for q, _ in items]), [o for _, o in items])
+        pred = greedy_boxes(adapter, [q for q, _ in items], seed=seed)
+        oc = answer_outcomes(pred, np.array([q.gt for q, _ in items]), [o for _, o in items])
         counts = {o: int((oc == o).sum()) for o in ("right", "other_object", "near", "nowhere", "no_box")}
         decided = counts["right"] + counts["other_object"]
         out[f"same_{share}" if share else "unconstrained"] = {
             **counts, "n": n, "picks_target": counts["right"] / decided if decided else None}
-    adapter.model.train(was)
     return out
 
 
@@ -426,45 +415,37 @@ def rotary_table(adapter) -> dict:
 
 def wrong_object_probe(adapter, n: int = 192, seed: int = 0) -> dict:
     """Greedy answers on the first `n` calib queries that land on another object of the scene
-    (`metrics.answer_outcomes` "other_object"), by what that object shares with the query: its
-    colour (another shape), its shape (another colour), or neither; and how many of those objects
-    are larger than the target. Tells which word of the query the answer does not yet read."""
-    from ..metrics import box_iou, paired_iou
-    from ..sampling import SamplingConfig, sample
+    (`metrics.answer_outcomes` "other_object"), by what the object they overlap most shares with the
+    query: its colour (another shape), its shape (another colour), or neither; and how many of
+    those objects are larger than the target. Tells which word of the query the answer does not
+    yet read."""
+    from ..ground import Query
+    from ..metrics import answer_outcomes, box_iou
+    from .probes import greedy_boxes
     from .scenes import make_scene
 
     def xyxy(o):
         x, y, w, h = o.bbox
         return (x, y, x + w, y + h)
 
-    items, i = [], 0
+    items, i = [], 0  # (query, target object, the scene's other objects)
     while len(items) < n:
         scene = make_scene("shapes", "calib", i, seed=seed)
-        items += [(scene, cat, obj) for cat, obj in scene.queries()]
+        items += [(Query(f"wrong-{i}:{cat}", scene.image, cat, xyxy(obj)), obj, [o for o in scene.objects if o is not obj])
+                  for cat, obj in scene.queries()]
         i += 1
     items = items[:n]
-    was = adapter.model.training
-    adapter.model.eval()
+    pred = greedy_boxes(adapter, [q for q, _, _ in items], seed=seed)
+    oc = answer_outcomes(pred, np.array([q.gt for q, _, _ in items]), [[xyxy(o) for o in others] for _, _, others in items])
     out = {"queries": n, "other_object": 0, "same_colour": 0, "same_shape": 0, "neither": 0, "larger": 0}
-    for b in range(0, n, 16):
-        chunk = items[b:b + 16]
-        enc = adapter.encode([s.image for s, _, _ in chunk], [c for _, c, _ in chunk])
-        gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
-                     [f"wrong-{b + j}" for j in range(len(chunk))])
-        for j, (scene, cat, obj) in enumerate(chunk):
-            _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
-            others = [o for o in scene.objects if o is not obj]
-            if parsed.box is None or paired_iou(np.array([parsed.box]), np.array([xyxy(obj)]))[0] >= 0.5:
-                continue
-            ious = box_iou(np.array([parsed.box]), np.array([xyxy(o) for o in others]))[0]
-            k = int(np.argmax(ious))
-            if ious[k] < 0.3:  # the evaluation's threshold for "on another object"
-                continue
-            (qc, qs), (oc, os_) = cat.split(" "), others[k].category.split(" ")
-            out["other_object"] += 1
-            out["same_colour" if qc == oc else "same_shape" if qs == os_ else "neither"] += 1
-            out["larger"] += others[k].area > obj.area
-    adapter.model.train(was)
+    for box, outcome, (q, obj, others) in zip(pred, oc, items):
+        if outcome != "other_object":
+            continue
+        hit = others[int(np.argmax(box_iou(box[None], np.array([xyxy(o) for o in others]))[0]))]
+        (qc, qs), (hc, hs) = q.category.split(" "), hit.category.split(" ")
+        out["other_object"] += 1
+        out["same_colour" if qc == hc else "same_shape" if qs == hs else "neither"] += 1
+        out["larger"] += hit.area > obj.area
     return out
 
 

@@ -7,42 +7,49 @@ These read the model; none of them feeds the loss (the organism is trained only 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 @torch.inference_mode()
-def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> dict:
-    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split (of its
-    curriculum scenes of 1 to `max_objects` objects, if given: where it localises vs. which object)."""
-    import numpy as np
-
-    from ..metrics import answer_outcomes, outcome_table, paired_iou, size_bucket, summarize
+def greedy_boxes(adapter, queries: list, seed: int = 0) -> np.ndarray:
+    """Greedy box per `pipeline.ground.Query` (N, 4) xyxy in image pixels, NaN where the answer has
+    none; 16 queries a batch, the model in eval mode for the call. Full decoding in the training
+    probes: every evaluation of a lineage decodes the same way (box-only decoding came in
+    mid-lineage; it gives the same greedy boxes, measured in tests)."""
     from ..sampling import SamplingConfig, sample
-    from .scenes import scene_queries
 
     was_training = adapter.model.training
     adapter.model.eval()
-    items = scene_queries(variant, split, n, max_objects=max_objects)
-    ious, buckets, nobox, boxes = [], [], 0, []
-    for b in range(0, n, 16):
-        chunk = [(q, area) for q, area, _ in items[b:b + 16]]
-        enc = adapter.encode([q.image for q, _ in chunk], [q.category for q, _ in chunk])
-        # Full decoding in the training probes: every evaluation of a lineage decodes the same way
-        # (box-only decoding came in mid-lineage; it gives the same greedy boxes, measured in tests).
+    boxes = []
+    for b in range(0, len(queries), 16):
+        chunk = queries[b:b + 16]
+        enc = adapter.encode([q.image for q in chunk], [q.category for q in chunk])
         gen = sample(adapter, enc, SamplingConfig(num_candidates=0, max_new_tokens=40, seed=seed, decode="full"),
-                     [q.query_id for q, _ in chunk])
-        for j, (q, area) in enumerate(chunk):
+                     [q.query_id for q in chunk])
+        for j in range(len(chunk)):
             _, parsed = adapter.parse(gen.tokens[j], enc.input_sizes[j], enc.orig_sizes[j])
-            nobox += parsed.box is None
             boxes.append(parsed.box if parsed.box is not None else (float("nan"),) * 4)
-            ious.append(0.0 if parsed.box is None else float(paired_iou(np.array([parsed.box]), np.array([q.gt]))[0]))
-            buckets.append(size_bucket(area))
     adapter.model.train(was_training)
-    out = summarize(np.array(ious), np.array(buckets))
-    out["no_box_share"] = nobox / n
+    return np.array(boxes, dtype=float).reshape(-1, 4)
+
+
+def greedy_eval(adapter, variant: str, split: str, n: int, seed: int = 0, max_objects: int | None = None) -> dict:
+    """Greedy Acc@0.5 / mean IoU by size bucket on the first `n` queries of a held-out split (of its
+    curriculum scenes of 1 to `max_objects` objects, if given: where it localises vs. which object)."""
+    from ..metrics import answer_outcomes, outcome_table, paired_iou, size_bucket, summarize
+    from .scenes import scene_queries
+
+    items = scene_queries(variant, split, n, max_objects=max_objects)
+    boxes = greedy_boxes(adapter, [q for q, _, _ in items], seed=seed)
+    gts = np.array([q.gt for q, _, _ in items])
+    has_box = np.isfinite(boxes).all(1)
+    ious = np.where(has_box, paired_iou(np.where(has_box[:, None], boxes, 0.0), gts), 0.0)
+    buckets = np.array([size_bucket(area) for _, area, _ in items])
+    out = summarize(ious, buckets)
+    out["no_box_share"] = float((~has_box).sum()) / n
     # Which object the answer boxed: the target, another object of the scene, near, nowhere.
-    out["outcomes"] = outcome_table(answer_outcomes(np.array(boxes), np.array([q.gt for q, _, _ in items]),
-                                                    [o for _, _, o in items]), np.array(buckets))
+    out["outcomes"] = outcome_table(answer_outcomes(boxes, gts, [o for _, _, o in items]), buckets)
     return out
 
 
