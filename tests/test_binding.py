@@ -162,6 +162,24 @@ def test_binding_probes_run_on_a_checkpoint(tiny_adapter):
         assert row["colour_word"] > 0 and row["shape_word"] > 0 and row["image"] > 0
     lp = binding.linear_probe(tiny_adapter, n_scenes=8, layers=(1,))
     assert lp["objects"] >= 16 and 0 <= lp["tower"]["colour"] <= 1 and 0 <= lp["lm_layer_1"]["shape"] <= 1
+    assert set(lp) == {"objects", "chance", "tower", "tower_object_mean", "lm_layer_1"}
+
+
+def test_naming_probe_counts_every_visible_object_once_per_word(tiny_adapter):
+    from pipeline.organism.binding import naming_probe
+    from pipeline.organism.scenes import make_scene
+
+    res = naming_probe(tiny_adapter, n_scenes=6, layers=(0, 2))
+    objects = sum(len(make_scene("shapes", "calib", i).objects) for i in range(6))
+    for layer in ("layer_0", "layer_2"):
+        got = res[layer]
+        for word in ("colour", "shape"):
+            buckets = [v for k, v in got.items() if k.startswith(word + "/") and k != word + "/all"]
+            assert sum(b["n"] for b in buckets) == got[word + "/all"]["n"]
+            # every object once, less any wholly covered by the objects drawn over it
+            assert objects - 2 <= got[word + "/all"]["n"] <= objects
+            assert all(0 <= b["acc"] <= 1 for b in buckets)
+    assert res["chance"] == {"colour": 1 / 8, "shape": 1 / 6}
 
 
 def test_ask_turns_name_the_object_at_a_box(tiny_adapter):
@@ -170,7 +188,7 @@ def test_ask_turns_name_the_object_at_a_box(tiny_adapter):
 
     ad = tiny_adapter
     plain = Batcher(ad, turns=3, seed=0).batch(0, 4)[1]
-    enc, conts, _, _ = Batcher(ad, turns=3, seed=0, ask_share=1.0).batch(0, 4)
+    enc, conts, *_ = Batcher(ad, turns=3, seed=0, ask_share=1.0).batch(0, 4)
     tok = ad.tokenizer
     asked = 0
     for segs, base in zip(conts, plain):
@@ -299,7 +317,7 @@ def test_detect_turns_list_every_object_once_per_chat(tiny_adapter):
     plain = Batcher(ad, turns=3, seed=0).batch(0, 4)[1]
     # Unset, no random draw is spent on it: existing recipes make the same batches.
     assert Batcher(ad, turns=3, seed=0, detect_share=None).batch(0, 4)[1] == plain
-    enc, conts, _, _ = Batcher(ad, turns=3, seed=0, detect_share=1.0).batch(0, 4)
+    enc, conts, *_ = Batcher(ad, turns=3, seed=0, detect_share=1.0).batch(0, 4)
     tok = ad.tokenizer
     index, detected = 0, 0
     for segs, base, isz, osz in zip(conts, plain, enc.input_sizes, enc.orig_sizes):
@@ -440,7 +458,7 @@ def test_target_cell_loss_reads_the_first_querys_cells(tiny_adapter):
     ad = tiny_adapter
     try:
         ad.query_order = "text_first"
-        enc, conts, _, targets = Batcher(ad, turns=1, seed=0).batch(0, 3)
+        enc, conts, _, targets, _ = Batcher(ad, turns=1, seed=0).batch(0, 3)
         for (box, others), segs in zip(targets, conts):
             assert f"[{', '.join(str(int(round(v))) for v in box)}]" in ad.tokenizer.decode(segs[0][0])
             assert box not in others
@@ -459,6 +477,44 @@ def test_target_cell_loss_reads_the_first_querys_cells(tiny_adapter):
         assert same.item() == pytest.approx(math.log(2), abs=1e-6)
     finally:
         ad.query_order = "image_first"
+        ad.model.zero_grad(set_to_none=True)
+
+
+def test_object_word_loss_names_each_objects_words_at_the_towers_tokens(tiny_adapter):
+    """Every object's cells name its colour and shape; at hidden state 0 the gradient reaches the
+    tower. With one token for every word each logit ties, so the loss is exactly (ln 8 + ln 6) / 2."""
+    import math
+
+    import torch
+
+    from pipeline.organism import Batcher
+    from pipeline.organism.batcher import object_word_loss, training_inputs, word_ids
+    from pipeline.organism.scenes import COLOURS, SHAPES
+
+    ad = tiny_adapter
+    try:
+        batch = Batcher(ad, turns=1, seed=0).batch(0, 3)
+        assert [len(o) for o in batch.objects] == [len(others) + 1 for _, others in batch.targets]
+        assert all(any(b == box for _, b in objs) for (box, _), objs in zip(batch.targets, batch.objects))
+        inputs, _ = training_inputs(batch.enc, batch.conts, ad.pad_token_id)
+        ad.model.zero_grad(set_to_none=True)
+        hidden = ad.model(**inputs, output_hidden_states=True).hidden_states
+        colours, shapes = word_ids(ad.tokenizer, COLOURS), word_ids(ad.tokenizer, SHAPES)
+        assert len(set(colours + shapes)) == len(COLOURS) + len(SHAPES)
+        loss = object_word_loss(ad.model, hidden, batch.enc, batch.objects, colours, shapes, layer=0)
+        assert loss.item() > 0 and math.isfinite(loss.item())
+        loss.backward()
+        tower = ad.model.model.visual.patch_embed.proj.weight.grad
+        assert tower is not None and tower.abs().sum() > 0
+        one = [colours[0]]
+        tied = object_word_loss(ad.model, [h.detach() for h in hidden], batch.enc, batch.objects,
+                                one * len(COLOURS), one * len(SHAPES), layer=2)
+        assert tied.item() == pytest.approx((math.log(len(COLOURS)) + math.log(len(SHAPES))) / 2, abs=1e-5)
+        with pytest.raises(ValueError, match="hidden states 0 to"):
+            object_word_loss(ad.model, hidden, batch.enc, batch.objects, colours, shapes, layer=len(hidden))
+        with pytest.raises(ValueError, match="one token"):
+            word_ids(ad.tokenizer, ["circle", "notawordinthisvocabulary"])
+    finally:
         ad.model.zero_grad(set_to_none=True)
 
 

@@ -6,7 +6,7 @@ from pipeline.organism import Batcher, training_inputs
 def test_multi_turn_labels_are_the_answers_and_first_turn_is_the_inference_prompt(tiny_adapter):
     ad = tiny_adapter
     b = Batcher(ad, turns=3, seed=0)
-    enc, conts, nxt, _ = b.batch(0, 2)
+    enc, conts, nxt, *_ = b.batch(0, 2)
     assert nxt >= 2
     inputs, labels = training_inputs(enc, conts, ad.pad_token_id)
     tok = ad.tokenizer
@@ -29,7 +29,7 @@ def test_multi_turn_labels_are_the_answers_and_first_turn_is_the_inference_promp
 
 def test_single_turn_answer_ids_still_accepted(tiny_adapter):
     ad = tiny_adapter
-    enc, conts, _, _ = Batcher(ad, turns=1, seed=1).batch(0, 2)
+    enc, conts, *_ = Batcher(ad, turns=1, seed=1).batch(0, 2)
     plain = [[t for seg, _ in c for t in seg] for c in conts]
     a, la = training_inputs(enc, conts, ad.pad_token_id)
     b, lb = training_inputs(enc, plain, ad.pad_token_id)
@@ -235,7 +235,7 @@ def test_train_recipe_resumes_forks_and_makes_its_card(tmp_path):
     assert any(json.loads(line).get("init_from") for line in (cont / "train_log.jsonl").read_text().splitlines())
 
 
-def test_a_text_first_phase_trains_evaluates_and_exports_its_query_order(tmp_path):
+def test_a_text_first_phase_trains_evaluates_and_exports_its_query_order(tmp_path, monkeypatch):
     """A phase that moves the query before the image: the switch is logged once (not again on a
     resume), the checkpoint and the export record it, and the exported model loads prompting so."""
     import json
@@ -244,10 +244,12 @@ def test_a_text_first_phase_trains_evaluates_and_exports_its_query_order(tmp_pat
 
     from pipeline.models.base import load_adapter
     from pipeline.organism.model import export_organism
+    from pipeline.organism import train as train_module
     from pipeline.organism.train import train
 
+    monkeypatch.setattr(train_module, "LOG_EVERY", 1)  # a loss line every step
     recipe = _tiny(phases=[TINY["phases"][0], {**TINY["phases"][1], "query_order": "text_first", "turns": 1,
-                                               "target_cells": 0.5}])
+                                               "target_cells": 0.5, "object_words": 0.5}])
     out = tmp_path / "run"
     assert train(recipe, out, threads=2, until_step=3, print_fn=lambda s: None)["step"] == 3
     assert json.loads((out / "ckpt" / "acs_model.json").read_text())["query_order"] == "text_first"
@@ -255,6 +257,10 @@ def test_a_text_first_phase_trains_evaluates_and_exports_its_query_order(tmp_pat
     train(recipe, out, threads=2, print_fn=lambda s: None)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["query_order"]) for r in log if "query_order" in r and "eval" not in r] == [(2, "text_first")]
+    # Both auxiliary losses are logged, in the second phase's steps only.
+    aux = [(r["step"], "target_cells_loss" in r, "object_words_loss" in r) for r in log if "loss" in r]
+    assert aux == [(s, s > 2, s > 2) for s in range(1, recipe.total_steps + 1)]
+    assert all(0 < r["object_words_loss"] < 10 for r in log if "object_words_loss" in r)
     asset = tmp_path / "asset"
     export_organism(out / "ckpt", asset, run_dir=out)
     ad = load_adapter(str(asset), device="cpu")

@@ -15,6 +15,8 @@ class Batch(NamedTuple):
     next_index: int  # the scene index the next batch starts at
     # per example, (the first query's box, the scene's other objects' boxes), original pixels, xyxy
     targets: list
+    # per example, every object of the scene as (category, box), in drawing order (later on top)
+    objects: list
 
 
 class Batcher:
@@ -93,7 +95,8 @@ class Batcher:
                     answer = cat if ask else ad.answer_text(model_box, cat)
                 segs.append((tok(answer, add_special_tokens=False)["input_ids"] + eos, True))
             conts.append(segs)
-        return Batch(enc, conts, i, [(t[0][1], [b for _, b in objs if b != t[0][1]]) for t, objs in zip(turns, scenes)])
+        return Batch(enc, conts, i, [(t[0][1], [b for _, b in objs if b != t[0][1]]) for t, objs in zip(turns, scenes)],
+                     scenes)
 
 
 # The detect-all turn's question; its answer lists every object left to right (by x1, then y1).
@@ -147,6 +150,55 @@ def target_cell_loss(model, hidden_states, enc, targets, marker_ids) -> torch.Te
         parts = [bce[group == g].mean() for g in range(3) if (group == g).any()]
         total = total + sum(parts) / len(parts)
     return total / len(targets)
+
+
+def word_ids(tokenizer, words) -> list[int]:
+    """The token of each word as the prompt spells it (after a space); each must be one token."""
+    ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"each word must be one token after a space: {dict(zip(words, ids))}")
+    return [i[0] for i in ids]
+
+
+def object_word_loss(model, hidden_states, enc, objects, colour_ids, shape_ids, layer: int = 0) -> torch.Tensor:
+    """`Phase.object_words`: each visual token of the first turn's image that lies in an object's
+    box names that object, through the model's own norm and (tied) output head applied to the
+    hidden state `layer` (0: the tower's tokens as the language model receives them): a
+    cross-entropy over the colour words and one over the shape words, each object's cells
+    averaged and the objects counting equally (a small object's one cell as much as a large
+    one's dozens). Where boxes overlap the object drawn later (on top) owns the cell.
+
+    Why: the target-cell loss taught the model to match the query's colour word, never its shape
+    word. A linear probe read shape from an object's token at chance after the tower, and scenes
+    of one colour left the target-cell loss at its floor: the tokens did not carry the shape that
+    a match needs. With tied embeddings this asks for exactly what the match uses, a visual token
+    that resembles the words that name it. Grounding supervision (dense naming); nothing reads
+    attention, and nothing is added to the model."""
+    from .scenes import COLOURS, SHAPES
+
+    if not 0 <= layer < len(hidden_states):
+        raise ValueError(f"object_words_layer {layer}: the model has hidden states 0 to {len(hidden_states) - 1}")
+    h = hidden_states[layer]
+    norm = model.model.language_model.norm
+    heads = [model.lm_head.weight[list(ids)].float() for ids in (colour_ids, shape_ids)]
+    index = [{w: k for k, w in enumerate(names)} for names in (COLOURS, SHAPES)]
+    total, count = h.new_zeros(()), 0
+    for i, (objs, pos) in enumerate(zip(objects, enc.visual_positions)):
+        where = (enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
+        owner = torch.full((len(pos),), -1, dtype=torch.long)
+        for k, (_, box) in enumerate(objs):
+            owner[cells_in_box(box, *where)] = k
+        x = norm(h[i, pos]).float()
+        for k, (cat, _) in enumerate(objs):
+            cells = owner == k
+            if not cells.any():  # wholly covered by objects drawn over it
+                continue
+            words = cat.split(" ")
+            for head, names, word in zip(heads, index, words):
+                target = torch.full((int(cells.sum()),), names[word], dtype=torch.long)
+                total = total + torch.nn.functional.cross_entropy(x[cells] @ head.T, target) / 2
+            count += 1
+    return total / max(1, count)
 
 
 def training_inputs(enc, conts, pad_id: int):

@@ -138,14 +138,16 @@ def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8
     object's box centre: at the tower's output and at the language model's hidden states of that
     position after the given layers (75% / 25% split of the objects, by scene). Chance: 1/8 and
     1/6. The centre token of a large shape sees its flat interior, not its outline, so shape reads
-    lower here than what several tokens together hold."""
+    lower here than what several tokens together hold: `tower_object_mean` reads the mean of the
+    tower's tokens over each object's cells (`batcher.cells_in_box`) for that."""
+    from .batcher import cells_in_box
     from .probes import _visual_tokens
     from .scenes import COLOURS, SHAPES, make_scene
 
     model = adapter.model
     was = model.training
     model.eval()
-    feats: dict[str, list] = {"tower": []}
+    feats: dict[str, list] = {"tower": [], "tower_object_mean": []}
     feats.update({f"lm_layer_{k}": [] for k in layers})
     colours, shapes, scene_of = [], [], []
     for b in range(0, n_scenes, 8):
@@ -164,6 +166,8 @@ def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8
                 row = min(gh - 1, int((y + h / 2) * ih / oh / (ih / gh)))
                 t = row * gw + col
                 feats["tower"].append(vis[off + t])
+                cells = cells_in_box((x, y, x + w, y + h), (gh, gw), (ih, iw), (oh, ow))
+                feats["tower_object_mean"].append(vis[[off + c for c in cells]].mean(0))
                 for k in layers:
                     feats[f"lm_layer_{k}"].append(hidden[k][j, enc.visual_positions[j][t]].float())
                 c, sh = o.category.split(" ")
@@ -298,7 +302,7 @@ def detect_probe(adapter, chats: int = 48, seed: int = 0) -> dict:
     batcher = Batcher(adapter, split="calib", seed=seed, turns=2, detect_share=1.0)
     right, seen = {k: 0 for k in ids}, {k: 0 for k in ids}
     for b in range(0, chats, 16):
-        enc, conts, _, _ = batcher.batch(b // 16 * 1000, min(16, chats - b))  # spread over the split
+        enc, conts, *_ = batcher.batch(b // 16 * 1000, min(16, chats - b))  # spread over the split
         # Labels on the detect turn only (a chat's last segment).
         conts = [[(seg, lab and j == len(segs) - 1) for j, (seg, lab) in enumerate(segs)] for segs in conts]
         inputs, labels = training_inputs(enc, conts, adapter.pad_token_id)
@@ -449,6 +453,53 @@ def wrong_object_probe(adapter, n: int = 192, seed: int = 0) -> dict:
     return out
 
 
+def naming_probe(adapter, n_scenes: int = 64, seed: int = 0, layers=(0, 4)) -> dict:
+    """How often an object's tokens name its colour and its shape through the model's own norm
+    and tied head (`batcher.object_word_loss`'s read-out, no fitted probe): the mean of the
+    object's cells' logits over the colour words, and over the shape words, argmax right, by the
+    benchmark's size bucket, at each hidden state in `layers` (0: the tower's tokens; later ones
+    have read the scene's first query, which comes first). Chance: 1/8 and 1/6. A model never
+    trained to name its objects this way reads near chance here whatever its tokens hold."""
+    from .batcher import cells_in_box, word_ids
+    from .scenes import COLOURS, SHAPES, make_scene, size_bucket
+
+    model = adapter.model
+    was = model.training
+    model.eval()
+    heads = {"colour": (list(COLOURS), word_ids(adapter.tokenizer, COLOURS)),
+             "shape": (list(SHAPES), word_ids(adapter.tokenizer, SHAPES))}
+    norm = model.model.language_model.norm
+    hits = {k: {} for k in layers}  # layer -> "word/bucket" -> [right, n]
+    for b in range(0, n_scenes, 16):
+        scenes = [make_scene("shapes", "calib", i, seed=seed) for i in range(b, min(b + 16, n_scenes))]
+        scenes = [s for s in scenes if s.queries()]
+        enc = adapter.encode([s.image for s in scenes], [s.queries()[0][0] for s in scenes])
+        with torch.inference_mode():
+            hidden = model(**enc.inputs, output_hidden_states=True).hidden_states
+        for i, s in enumerate(scenes):
+            where = (enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
+            pos = enc.visual_positions[i]
+            boxes = [(o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]) for o in s.objects]
+            owner = torch.full((len(pos),), -1, dtype=torch.long)
+            for k, box in enumerate(boxes):  # objects are listed in drawing order: a later one is on top
+                owner[cells_in_box(box, *where)] = k
+            for layer in layers:
+                x = norm(hidden[layer][i, pos]).float()
+                for k, o in enumerate(s.objects):
+                    if not (owner == k).any():
+                        continue
+                    for (word, (names, ids)), truth in zip(heads.items(), o.category.split(" ")):
+                        logits = (x[owner == k] @ model.lm_head.weight[ids].float().T).mean(0)
+                        for key in (f"{word}/{size_bucket(o.area)}", f"{word}/all"):
+                            h = hits[layer].setdefault(key, [0, 0])
+                            h[0] += int(names[int(logits.argmax())] == truth)
+                            h[1] += 1
+    model.train(was)
+    return {"chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)},
+            **{f"layer_{k}": {key: {"acc": round(r / n, 3), "n": n} for key, (r, n) in sorted(v.items())}
+               for k, v in hits.items()}}
+
+
 def run_all(path: str, n: int = 96, print_fn=None, only: list[str] | None = None) -> dict:
     """Every probe on one checkpoint (or those named in `only`); `print_fn` gets each result as it
     comes (the linear probe, last, is the slow one: ~300 forwards)."""
@@ -461,7 +512,7 @@ def run_all(path: str, n: int = 96, print_fn=None, only: list[str] | None = None
               ("query_at_image", lambda a: query_probe(a, where="image")),
               ("ask_probe", ask_probe), ("detect_probe", detect_probe), ("target_probe", target_probe),
               ("wrong_objects", lambda a: wrong_object_probe(a, n=2 * n)),
-              ("linear_probe", linear_probe))
+              ("naming", naming_probe), ("linear_probe", linear_probe))
     unknown = set(only or ()) - {name for name, _ in probes}
     if unknown:  # before loading anything
         raise ValueError(f"unknown probes {sorted(unknown)}; known: {[name for name, _ in probes]}")

@@ -138,7 +138,7 @@ def image_dependence(adapter, n: int = 16, seed: int = 0, max_objects: int | Non
 
     was_training = adapter.model.training
     adapter.model.eval()
-    enc, conts, _, _ = Batcher(adapter, split="calib", seed=seed, turns=1, max_objects=max_objects).batch(0, n)
+    enc, conts, *_ = Batcher(adapter, split="calib", seed=seed, turns=1, max_objects=max_objects).batch(0, n)
 
     def coord_ce() -> list[float]:
         return _coordinate_ce(adapter, enc, conts).mean(0).tolist()

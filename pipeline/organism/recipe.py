@@ -67,6 +67,13 @@ class Phase:
     # the first turn's image says whether it lies inside the queried object's box. Needs the
     # query before the image (`query_order` text_first), or the tokens cannot see it. None: off.
     target_cells: float | None = None
+    # Weight of `batcher.object_word_loss` added too: each visual token inside an object's box
+    # names its colour and its shape through the tied head, read at hidden state
+    # `object_words_layer` (0: the tower's tokens as the language model gets them). It makes the
+    # object's attributes, shape above all, visible in the tokens a query must be matched
+    # against. None: off.
+    object_words: float | None = None
+    object_words_layer: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
@@ -85,6 +92,10 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: query_order must be one of {QUERY_ORDERS} or null")
         if self.target_cells is not None and self.target_cells < 0:
             raise ValueError(f"phase {self.name!r}: target_cells must be a weight >= 0 or null")
+        if self.object_words is not None and self.object_words < 0:
+            raise ValueError(f"phase {self.name!r}: object_words must be a weight >= 0 or null")
+        if self.object_words_layer < 0:
+            raise ValueError(f"phase {self.name!r}: object_words_layer must be a hidden-state index >= 0")
         if self.turns is not None and self.turns < 1:
             raise ValueError(f"phase {self.name!r}: turns must be >= 1 or null")
         if self.detect_share is not None and not 0 <= self.detect_share <= 1:

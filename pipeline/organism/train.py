@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .batcher import Batcher, target_cell_loss, training_inputs
+from .batcher import Batcher, object_word_loss, target_cell_loss, training_inputs, word_ids
 from .model import OrganismConfig, build_organism, save_checkpoint, set_input_size, slow_rotary
 from .probes import _content, greedy_eval, image_dependence, premise_eval, query_dependence
 from .recipe import (Recipe, carried_at, choose_temperature, cut_short, recipe_from_dict, same_settings,
@@ -253,8 +253,14 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     model.train()
     losses: list[float] = []
     cell_losses: list[float] = []  # `Phase.target_cells`, logged beside the answers' loss
+    word_losses: list[float] = []  # `Phase.object_words`, the same
     pad = adapter.pad_token_id
     markers = [adapter.tokenizer(d, add_special_tokens=False)["input_ids"][-1] for d in ("0", "1")]
+    from .scenes import COLOURS, SHAPES
+
+    # Looked up only when a phase names objects: each word must then be one token of the vocabulary.
+    words = ((word_ids(adapter.tokenizer, COLOURS), word_ids(adapter.tokenizer, SHAPES))
+             if any(p.object_words for p in recipe.phases) else None)
     while state["step"] < recipe.total_steps and not state.get("stopped"):
         step = state["step"]
         index, phase, k = recipe.phase_at(step)
@@ -269,7 +275,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
         batcher.max_objects, batcher.size_mix, batcher.confusers = phase.max_objects, phase.size_mix, phase.confusers
         batcher.ask_share, batcher.detect_share = phase.ask_share, phase.detect_share
         batcher.rng.seed(recipe.seed * 1_000_003 + step)  # the same queries after a resume
-        enc, answers, nxt, targets = batcher.batch(state["next_index"], recipe.batch_size)
+        enc, answers, nxt, targets, objects = batcher.batch(state["next_index"], recipe.batch_size)
         inputs, labels = training_inputs(enc, answers, pad)
         if visual and visual[0].requires_grad != phase.train_vision:  # a frozen tower needs no backward
             for p in visual:
@@ -283,7 +289,7 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
             g["lr"] = (lr * phase.vision_lr_scale if phase.train_vision else 0.0) if g["vision"] \
                 else lr * phase.text_lr_scale
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
-            res = model(**inputs, output_hidden_states=bool(phase.target_cells))
+            res = model(**inputs, output_hidden_states=bool(phase.target_cells or phase.object_words))
         logits = res.logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -291,6 +297,10 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
             cells = target_cell_loss(model, res.hidden_states, enc, targets, markers)
             cell_losses.append(cells.item())
             loss = loss + phase.target_cells * cells
+        if phase.object_words:
+            named = object_word_loss(model, res.hidden_states, enc, objects, *words, layer=phase.object_words_layer)
+            word_losses.append(named.item())
+            loss = loss + phase.object_words * named
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -303,9 +313,12 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
                    "vision_content": round(sum(vstats) / max(1, len(vstats)), 4), "wall_s": round(wall(), 1)}
             if cell_losses:  # `loss` is the answers' cross-entropy plus the weighted cell loss
                 rec["target_cells_loss"] = round(sum(cell_losses) / len(cell_losses), 5)
+            if word_losses:
+                rec["object_words_loss"] = round(sum(word_losses) / len(word_losses), 5)
             log(rec)
             losses.clear()
             cell_losses.clear()
+            word_losses.clear()
             vstats.clear()
         phase_done = s == recipe.phase_end(index)
         # The run's last step is evaluated once, by the final comparison of temperatures below.
