@@ -50,9 +50,8 @@ class Batcher:
         if not queries:
             return None
         picked = self.rng.sample(queries, min(self.turns, len(queries)))
-        xyxy = lambda o: (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3])  # noqa: E731
         # Every object of the scene too, for a detect-all turn.
-        return scene.image, [(cat, xyxy(o)) for cat, o in picked], [(o.category, xyxy(o)) for o in scene.objects]
+        return scene.image, [(cat, o.xyxy) for cat, o in picked], [(o.category, o.xyxy) for o in scene.objects]
 
     def batch(self, start: int, size: int) -> Batch:
         """`size` chats from scene `start` on. Labels cover the answers and their end-of-turn token only."""
@@ -125,6 +124,15 @@ def cells_in_box(box, grid, input_size, orig_size) -> list[int]:
     return inside or [centre]
 
 
+def cell_owners(boxes, grid, input_size, orig_size) -> torch.Tensor:
+    """Per merged-grid cell, the index of the box that owns it (`cells_in_box`), -1 for none.
+    Boxes are in drawing order: where they overlap, the later one (drawn on top) owns the cell."""
+    owner = torch.full((grid[0] * grid[1],), -1, dtype=torch.long)
+    for k, box in enumerate(boxes):
+        owner[cells_in_box(box, grid, input_size, orig_size)] = k
+    return owner
+
+
 def target_cell_loss(model, hidden_states, enc, targets, marker_ids) -> torch.Tensor:
     """`Phase.target_cells`: each visual token of the first turn's image says, through the model's
     own norm and (tied) output head after the middle layer, whether it lies inside the box of the
@@ -184,10 +192,7 @@ def object_word_loss(model, hidden_states, enc, objects, colour_ids, shape_ids, 
     index = [{w: k for k, w in enumerate(names)} for names in (COLOURS, SHAPES)]
     total, count = h.new_zeros(()), 0
     for i, (objs, pos) in enumerate(zip(objects, enc.visual_positions)):
-        where = (enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
-        owner = torch.full((len(pos),), -1, dtype=torch.long)
-        for k, (_, box) in enumerate(objs):
-            owner[cells_in_box(box, *where)] = k
+        owner = cell_owners([box for _, box in objs], enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
         x = norm(h[i, pos]).float()
         for k, (cat, _) in enumerate(objs):
             cells = owner == k

@@ -71,7 +71,7 @@ def pair_probe(adapter, n: int = 96, seed: int = 0) -> dict:
             qs = scene.queries()
             if len(qs) == 2:
                 k = i % 2  # alternate which of the two is asked for
-                boxes = [(x, y, x + w, y + h) for x, y, w, h in (o.bbox for _, o in qs)]
+                boxes = [o.xyxy for _, o in qs]
                 items.append((Query(f"pair-{share}-{i}", scene.image, qs[k][0], boxes[k]), [boxes[1 - k]]))
             i += 1
         pred = greedy_boxes(adapter, [q for q, _ in items], seed=seed)
@@ -166,7 +166,7 @@ def linear_probe(adapter, n_scenes: int = 300, seed: int = 0, layers=(1, 2, 4, 8
                 row = min(gh - 1, int((y + h / 2) * ih / oh / (ih / gh)))
                 t = row * gw + col
                 feats["tower"].append(vis[off + t])
-                cells = cells_in_box((x, y, x + w, y + h), (gh, gw), (ih, iw), (oh, ow))
+                cells = cells_in_box(o.xyxy, (gh, gw), (ih, iw), (oh, ow))
                 feats["tower_object_mean"].append(vis[[off + c for c in cells]].mean(0))
                 for k in layers:
                     feats[f"lm_layer_{k}"].append(hidden[k][j, enc.visual_positions[j][t]].float())
@@ -256,8 +256,7 @@ def ask_probe(adapter, n: int = 192, seed: int = 0) -> dict:
         if qs and len(scene.objects) > 1:
             cat, obj = qs[0]
             other = scene.objects[(scene.objects.index(obj) + 1) % len(scene.objects)]
-            box = lambda o: (o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3])  # noqa: E731
-            items.append((Query(f"ask-{i}", scene.image, cat, box(obj)), [(other.category, box(other))]))
+            items.append((Query(f"ask-{i}", scene.image, cat, obj.xyxy), [(other.category, other.xyxy)]))
         i += 1
     right = {"colour": 0, "shape": 0, "both": 0}
     for b in range(0, len(items), 16):
@@ -428,24 +427,20 @@ def wrong_object_probe(adapter, n: int = 192, seed: int = 0) -> dict:
     from .probes import greedy_boxes
     from .scenes import make_scene
 
-    def xyxy(o):
-        x, y, w, h = o.bbox
-        return (x, y, x + w, y + h)
-
     items, i = [], 0  # (query, target object, the scene's other objects)
     while len(items) < n:
         scene = make_scene("shapes", "calib", i, seed=seed)
-        items += [(Query(f"wrong-{i}:{cat}", scene.image, cat, xyxy(obj)), obj, [o for o in scene.objects if o is not obj])
+        items += [(Query(f"wrong-{i}:{cat}", scene.image, cat, obj.xyxy), obj, [o for o in scene.objects if o is not obj])
                   for cat, obj in scene.queries()]
         i += 1
     items = items[:n]
     pred = greedy_boxes(adapter, [q for q, _, _ in items], seed=seed)
-    oc = answer_outcomes(pred, np.array([q.gt for q, _, _ in items]), [[xyxy(o) for o in others] for _, _, others in items])
+    oc = answer_outcomes(pred, np.array([q.gt for q, _, _ in items]), [[o.xyxy for o in others] for _, _, others in items])
     out = {"queries": n, "other_object": 0, "same_colour": 0, "same_shape": 0, "neither": 0, "larger": 0}
     for box, outcome, (q, obj, others) in zip(pred, oc, items):
         if outcome != "other_object":
             continue
-        hit = others[int(np.argmax(box_iou(box[None], np.array([xyxy(o) for o in others]))[0]))]
+        hit = others[int(np.argmax(box_iou(box[None], np.array([o.xyxy for o in others]))[0]))]
         (qc, qs), (hc, hs) = q.category.split(" "), hit.category.split(" ")
         out["other_object"] += 1
         out["same_colour" if qc == hc else "same_shape" if qs == hs else "neither"] += 1
@@ -460,7 +455,7 @@ def naming_probe(adapter, n_scenes: int = 64, seed: int = 0, layers=(0, 4)) -> d
     benchmark's size bucket, at each hidden state in `layers` (0: the tower's tokens; later ones
     have read the scene's first query, which comes first). Chance: 1/8 and 1/6. A model never
     trained to name its objects this way reads near chance here whatever its tokens hold."""
-    from .batcher import cells_in_box, word_ids
+    from .batcher import cell_owners, word_ids
     from .scenes import COLOURS, SHAPES, make_scene, size_bucket
 
     model = adapter.model
@@ -477,14 +472,9 @@ def naming_probe(adapter, n_scenes: int = 64, seed: int = 0, layers=(0, 4)) -> d
         with torch.inference_mode():
             hidden = model(**enc.inputs, output_hidden_states=True).hidden_states
         for i, s in enumerate(scenes):
-            where = (enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
-            pos = enc.visual_positions[i]
-            boxes = [(o.bbox[0], o.bbox[1], o.bbox[0] + o.bbox[2], o.bbox[1] + o.bbox[3]) for o in s.objects]
-            owner = torch.full((len(pos),), -1, dtype=torch.long)
-            for k, box in enumerate(boxes):  # objects are listed in drawing order: a later one is on top
-                owner[cells_in_box(box, *where)] = k
+            owner = cell_owners([o.xyxy for o in s.objects], enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
             for layer in layers:
-                x = norm(hidden[layer][i, pos]).float()
+                x = norm(hidden[layer][i, enc.visual_positions[i]]).float()
                 for k, o in enumerate(s.objects):
                     if not (owner == k).any():
                         continue

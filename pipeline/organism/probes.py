@@ -87,8 +87,7 @@ def query_dependence(adapter, n: int = 48, seed: int = 0, max_objects: int | Non
             k = i % len(qs)
             cat, o = qs[k]
             other = qs[(k + 1) % len(qs)][0]
-            x, y, w, h = o.bbox
-            rows.append((scene.image, cat, other, (x, y, x + w, y + h)))
+            rows.append((scene.image, cat, other, o.xyxy))
         i += 1
     eos = ad.eos_token_ids[:1]
 

@@ -116,6 +116,11 @@ class Obj:
     def category_id(self) -> int:
         return CATEGORY_ID[self.category]
 
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        x, y, w, h = self.bbox
+        return (x, y, x + w, y + h)
+
 
 @dataclass
 class Scene:
@@ -535,7 +540,7 @@ def scene_queries(variant: str, split: str, n: int, seed: int = 0, max_objects: 
     tag = "" if max_objects is None else f"-k{max_objects}"
     while len(out) < n:
         scene = make_scene(variant, split, i, seed=seed, max_objects=max_objects)
-        boxes = [(x, y, x + w, y + h) for x, y, w, h in (o.bbox for o in scene.objects)]
+        boxes = [o.xyxy for o in scene.objects]
         for cat, obj in scene.queries():
             k = next(j for j, o in enumerate(scene.objects) if o is obj)
             out.append((Query(f"{variant}-{split}{tag}-{i}:{cat}", scene.image, cat, boxes[k]), obj.area,

@@ -27,6 +27,7 @@ from .model import OrganismConfig, build_organism, save_checkpoint, set_input_si
 from .probes import _content, greedy_eval, image_dependence, premise_eval, query_dependence
 from .recipe import (Recipe, carried_at, choose_temperature, cut_short, recipe_from_dict, same_settings,
                      shared_prefix)
+from .scenes import COLOURS, SHAPES
 
 REWARM_STEPS = 20  # learning-rate ramp after --init-from (fresh optimizer moments)
 LOG_EVERY = 20
@@ -256,8 +257,6 @@ def train(recipe: Recipe, out: str | Path, threads: int = 0, max_minutes: float 
     word_losses: list[float] = []  # `Phase.object_words`, the same
     pad = adapter.pad_token_id
     markers = [adapter.tokenizer(d, add_special_tokens=False)["input_ids"][-1] for d in ("0", "1")]
-    from .scenes import COLOURS, SHAPES
-
     # Looked up only when a phase names objects: each word must then be one token of the vocabulary.
     words = ((word_ids(adapter.tokenizer, COLOURS), word_ids(adapter.tokenizer, SHAPES))
              if any(p.object_words for p in recipe.phases) else None)
