@@ -7,8 +7,10 @@
     acs train-organism --out runs/organism --export pipeline/assets/organism   # ship it, with its card
 
 A recipe (`pipeline/organism/recipes/NAME.json`, or a path) lists the phases: steps, curriculum,
-what trains, learning rates. Rerunning the same command resumes mid-phase from OUT/ckpt; a run
-ends by itself at the recipe's end or when its stop bars are met on calib. See
+what trains, learning rates; a variant names its base (`"extends"`, optionally `"branch_at"` a
+step of one of its phases) and the phases it appends. Rerunning the same command resumes
+mid-phase from OUT/ckpt; a run ends by itself at the recipe's end or when its stop bars are met
+on calib. See
 `pipeline/organism/train.py` for the run directory's layout.
 """
 

@@ -209,6 +209,7 @@ def test_ask_turns_name_the_object_at_a_box(tiny_adapter):
 
 
 def test_a_phase_ended_early_keeps_its_schedule_and_can_be_branched_from():
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -232,7 +233,11 @@ def test_a_phase_ended_early_keeps_its_schedule_and_can_be_branched_from():
     # The two variants differ only in the binding phase's data.
     diff = {k for k, v in bind.phases[3].__dict__.items() if ctl.phases[3].__dict__[k] != v}
     assert diff == {"confusers", "ask_share"} and bind.phases[:3] == ctl.phases[:3]
-    assert json.loads(Path("pipeline/organism/recipes/organism-v2-bind.json").read_text())["phases"][3]["confusers"] == 0.5
+    # Its file says only that: v2 branched off at step 1,280 of scenes, one phase appended.
+    spec = json.loads(Path("pipeline/organism/recipes/organism-v2-bind.json").read_text())
+    assert (spec["extends"], spec["branch_at"], spec["phases"][0]["confusers"]) == (
+        "organism-v2", {"phase": "scenes", "steps": 1280}, 0.5)
+    assert bind.phases[2] == dataclasses.replace(v2.phases[2], steps=1280, schedule_steps=1800)
 
 
 def test_phase_ask_share_validated():

@@ -88,10 +88,27 @@ def _tiny(**changes):
 
 
 def test_committed_recipes_load_and_schedule():
-    from pipeline.organism.recipe import RECIPES, load_recipe
+    import json
+
+    from pipeline.organism.recipe import RECIPES, cut_short, load_recipe, same_settings, shared_prefix
 
     names = sorted(p.stem for p in RECIPES.glob("*.json"))
     assert "organism-v2" in names
+    # Every committed recipe resolves (variants through their bases) and forks from its base's run.
+    for n in names:
+        spec = json.loads((RECIPES / f"{n}.json").read_text())
+        r = load_recipe(n)
+        assert r.name == n
+        if "extends" in spec:
+            base = load_recipe(spec["extends"])
+            branch = spec.get("branch_at")
+            i = [p.name for p in base.phases].index(branch["phase"]) if branch else len(base.phases)
+            assert r.phases[:i] == base.phases[:i]
+            assert len(r.phases) == i + bool(branch) + len(spec.get("phases", []))
+            if branch:
+                assert cut_short(base.phases[i], r.phases[i])
+            # A variant that keeps the base's model and batch can start from the base's run.
+            assert shared_prefix(base, r) == (i if same_settings(base, r) else 0)
     r = load_recipe("organism-v2")
     assert r.total_steps == sum(p.steps for p in r.phases) and not r.phases[0].train_vision
     assert r.eval_n >= 96  # the floor for a stable evaluation
@@ -125,6 +142,55 @@ def test_recipe_errors_name_the_problem(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps(TINY))
     assert load_recipe(ok).name == "tiny"
+
+
+def test_a_variant_extends_its_base_by_the_phases_it_appends(tmp_path):
+    import json
+
+    import pytest
+
+    from pipeline.organism.recipe import RECIPES, load_recipe, shared_prefix
+
+    (tmp_path / "base.json").write_text(json.dumps(TINY))
+    (tmp_path / "var.json").write_text(json.dumps({
+        "name": "var", "extends": "base", "eval_n": 4, "stop": {"room_small": 0.15},
+        "phases": [{"name": "more", "steps": 3, "lr": 5e-4, "confusers": "colour"}]}))
+    base, var = load_recipe(tmp_path / "base.json"), load_recipe(tmp_path / "var.json")
+    assert [p.name for p in var.phases] == ["read", "tower", "more"] and var.phases[2].confusers == "colour"
+    assert var.phases[:2] == base.phases and shared_prefix(base, var) == 2  # so it can fork from the base's run
+    # Keys it names replace the base's whole (stop is not merged); the rest are the base's.
+    assert (var.name, var.eval_n, var.stop.room_small, var.stop.greedy_large) == ("var", 4, 0.15, None)
+    assert (var.batch_size, var.model, var.final_temperatures) == (2, base.model, (0.7, 1.0))
+
+    # Branching off mid-phase: the base's phases end with that one cut short on its own schedule.
+    (tmp_path / "mid.json").write_text(json.dumps({"name": "mid", "extends": "base.json",
+                                                   "branch_at": {"phase": "read", "steps": 1}}))
+    mid = load_recipe(tmp_path / "mid.json")
+    assert [(p.name, p.steps, p.schedule_steps) for p in mid.phases] == [("read", 1, 2)]
+    assert mid.phases[0].lr_at(0) == base.phases[0].lr_at(0)
+    for at, msg in [({"phase": "nope", "steps": 1}, "no phase 'nope'"),
+                    ({"phase": "read", "steps": 5}, "1 to the phase's 2"), ({"phase": "read"}, "branch_at")]:
+        (tmp_path / "bad.json").write_text(json.dumps({"name": "bad", "extends": "base", "branch_at": at}))
+        with pytest.raises(ValueError, match=msg):
+            load_recipe(tmp_path / "bad.json")
+
+    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "extends": "b"}))
+    (tmp_path / "b.json").write_text(json.dumps({"name": "b", "extends": "a"}))
+    with pytest.raises(ValueError, match="cycle"):
+        load_recipe(tmp_path / "a.json")
+    (tmp_path / "orphan.json").write_text(json.dumps({"name": "o", "extends": "no-such-base"}))
+    with pytest.raises(FileNotFoundError, match="no-such-base"):
+        load_recipe(tmp_path / "orphan.json")
+    (tmp_path / "nameless.json").write_text(json.dumps({"extends": "base"}))
+    with pytest.raises(ValueError, match="own 'name'"):
+        load_recipe(tmp_path / "nameless.json")
+
+    # The committed lineage: each variant is its base's recipe and one phase more.
+    words, long_, match = (load_recipe(f"organism-v2-textfirst-{n}") for n in ("words", "words-long", "words-match"))
+    assert long_.phases[:-1] == words.phases and match.phases[:-1] == long_.phases
+    assert (match.phases[-1].name, match.phases[-1].confusers, match.name) == (
+        "match", "colour", "organism-v2-textfirst-words-match")
+    assert "extends" in json.loads((RECIPES / "organism-v2-textfirst-words-match.json").read_text())
 
 
 def test_phase_size_mix_validated_and_compared_as_a_tuple():

@@ -1,7 +1,8 @@
 """A training recipe: the committed list of phases that takes the organism from random weights to
-the shipped checkpoint. One JSON file says everything a rerun needs (`recipes/` holds the
-shipped one and the variants it was chosen against), so the checkpoint is reproducible by one
-command instead of by a history of hand-stopped runs with different flags.
+the shipped checkpoint. One JSON file, with the bases it `extends`, says everything a rerun
+needs (`recipes/` holds the shipped one and the variants it was chosen against), so the
+checkpoint is reproducible by one command instead of by a history of hand-stopped runs with
+different flags.
 """
 
 from __future__ import annotations
@@ -207,18 +208,75 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return _build(Recipe, data, where)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """A recipe file; a bare name (`organism-v2`) is looked up in the committed `recipes/`."""
+def _find(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists() and (RECIPES / f"{path}.json").exists():
         p = RECIPES / f"{path}.json"
     if not p.exists():
         known = sorted(q.stem for q in RECIPES.glob("*.json"))
         raise FileNotFoundError(f"no recipe {str(path)!r} (a JSON file, or one of {known})")
+    return p
+
+
+def _read(path: str | Path, seen: tuple[Path, ...] = ()) -> tuple[dict, Path]:
+    """A recipe file as a plain dict, its `extends` resolved.
+
+    A variant branches off a lineage after its last phase: `{"extends": "BASE", "name": ...,
+    "phases": [...]}` is BASE's recipe with these phases appended (none: BASE's phases only) and
+    any other key given replacing BASE's value whole (`model`, `stop` too, not merged). So a
+    variant's file holds what it changes, not a copy of every phase before it that a later edit of
+    one copy could silently make disagree with the run it forks from. `"branch_at": {"phase":
+    NAME, "steps": N}` branches off mid-way instead: BASE's phases end with NAME cut at N steps.
+    BASE is a file beside this one (with or without `.json`), else looked up like
+    `load_recipe`'s argument."""
+    p = _find(path)
+    if p.resolve() in seen:
+        chain = " -> ".join(str(q) for q in (*seen, p.resolve()))
+        raise ValueError(f"{p}: recipes extend each other in a cycle ({chain})")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a recipe is a JSON object")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data, p
+    if not isinstance(base_name, str) or "name" not in data:
+        raise ValueError(f"{p}: 'extends' names one base recipe, and a variant needs its own 'name'")
+    near = [q for q in (p.parent / base_name, p.parent / f"{base_name}.json") if q.exists()]
+    base, _ = _read(near[0] if near else base_name, (*seen, p.resolve()))
+    phases = list(base["phases"])
+    branch = data.pop("branch_at", None)
+    if branch is not None:
+        phases = _branch(phases, branch, f"{p}: 'branch_at'")
+    extra = data.pop("phases", [])
+    if not isinstance(extra, list):
+        raise ValueError(f"{p}: 'phases' of a variant is a list of the phases it appends to {base_name!r}")
+    return {**base, **data, "phases": [*phases, *extra]}, p
+
+
+def _branch(phases: list[dict], at, where: str) -> list[dict]:
+    """The base's phases up to `at["phase"]`, that one ended after `at["steps"]` steps on its own
+    schedule (`Phase.schedule_steps`), so the steps it trained keep their learning rates and a run
+    of the variant can fork from the base's run mid-phase."""
+    if not isinstance(at, dict) or set(at) != {"phase", "steps"}:
+        raise ValueError(f"{where} is {{\"phase\": NAME, \"steps\": N}}, got {at!r}")
+    names = [ph.get("name") for ph in phases]
+    if at["phase"] not in names:
+        raise ValueError(f"{where}: the base has no phase {at['phase']!r} (it has {names})")
+    i = names.index(at["phase"])
+    cut = dict(phases[i])
+    if not isinstance(at["steps"], int) or not 1 <= at["steps"] <= cut["steps"]:
+        raise ValueError(f"{where}: steps must be 1 to the phase's {cut['steps']}, got {at['steps']!r}")
+    cut["schedule_steps"] = cut.get("schedule_steps") or cut["steps"]
+    cut["steps"] = at["steps"]
+    return [*phases[:i], cut]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe file; a bare name (`organism-v2`) is looked up in the committed `recipes/`."""
+    data, p = _read(path)
     return recipe_from_dict(data, where=str(p))
 
 
