@@ -187,23 +187,30 @@ def object_word_loss(model, hidden_states, enc, objects, colour_ids, shape_ids, 
     if not 0 <= layer < len(hidden_states):
         raise ValueError(f"object_words_layer {layer}: the model has hidden states 0 to {len(hidden_states) - 1}")
     h = hidden_states[layer]
-    norm = model.model.language_model.norm
     heads = [model.lm_head.weight[list(ids)].float() for ids in (colour_ids, shape_ids)]
     index = [{w: k for k, w in enumerate(names)} for names in (COLOURS, SHAPES)]
     total, count = h.new_zeros(()), 0
     for i, (objs, pos) in enumerate(zip(objects, enc.visual_positions)):
         owner = cell_owners([box for _, box in objs], enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
-        x = norm(h[i, pos]).float()
-        for k, (cat, _) in enumerate(objs):
-            cells = owner == k
-            if not cells.any():  # wholly covered by objects drawn over it
-                continue
-            words = cat.split(" ")
-            for head, names, word in zip(heads, index, words):
-                target = torch.full((int(cells.sum()),), names[word], dtype=torch.long)
-                total = total + torch.nn.functional.cross_entropy(x[cells] @ head.T, target) / 2
+        for k, logits in object_word_logits(model, h[i, pos], owner, heads):
+            for lg, names, word in zip(logits, index, objs[k][0].split(" ")):
+                target = torch.full((len(lg),), names[word], dtype=torch.long)
+                total = total + torch.nn.functional.cross_entropy(lg, target) / 2
             count += 1
     return total / max(1, count)
+
+
+def object_word_logits(model, visual_hidden, owner, heads):
+    """The read-out `object_word_loss` trains and the `naming` probe measures: one image's visual
+    hidden states (a row per merged cell) through the model's final norm, against each of `heads`
+    (rows of the tied output head, one per word). Yields (object index, one (cells, words) logits
+    tensor per head) for each object that owns a cell (`cell_owners`); an object wholly covered
+    by those drawn over it has none and is skipped."""
+    x = model.model.language_model.norm(visual_hidden).float()
+    for k in range(int(owner.max()) + 1):
+        cells = owner == k
+        if cells.any():
+            yield k, [x[cells] @ head.T for head in heads]
 
 
 def training_inputs(enc, conts, pad_id: int):

@@ -455,15 +455,14 @@ def naming_probe(adapter, n_scenes: int = 64, seed: int = 0, layers=(0, 4)) -> d
     benchmark's size bucket, at each hidden state in `layers` (0: the tower's tokens; later ones
     have read the scene's first query, which comes first). Chance: 1/8 and 1/6. A model never
     trained to name its objects this way reads near chance here whatever its tokens hold."""
-    from .batcher import cell_owners, word_ids
+    from .batcher import cell_owners, object_word_logits, word_ids
     from .scenes import COLOURS, SHAPES, make_scene, size_bucket
 
     model = adapter.model
     was = model.training
     model.eval()
-    heads = {"colour": (list(COLOURS), word_ids(adapter.tokenizer, COLOURS)),
-             "shape": (list(SHAPES), word_ids(adapter.tokenizer, SHAPES))}
-    norm = model.model.language_model.norm
+    words = {"colour": list(COLOURS), "shape": list(SHAPES)}
+    heads = [model.lm_head.weight[word_ids(adapter.tokenizer, names)].float() for names in words.values()]
     hits = {k: {} for k in layers}  # layer -> "word/bucket" -> [right, n]
     for b in range(0, n_scenes, 16):
         scenes = [make_scene("shapes", "calib", i, seed=seed) for i in range(b, min(b + 16, n_scenes))]
@@ -474,15 +473,13 @@ def naming_probe(adapter, n_scenes: int = 64, seed: int = 0, layers=(0, 4)) -> d
         for i, s in enumerate(scenes):
             owner = cell_owners([o.xyxy for o in s.objects], enc.grids[i], enc.input_sizes[i], enc.orig_sizes[i])
             for layer in layers:
-                x = norm(hidden[layer][i, enc.visual_positions[i]]).float()
-                for k, o in enumerate(s.objects):
-                    if not (owner == k).any():
-                        continue
-                    for (word, (names, ids)), truth in zip(heads.items(), o.category.split(" ")):
-                        logits = (x[owner == k] @ model.lm_head.weight[ids].float().T).mean(0)
+                for k, logits in object_word_logits(model, hidden[layer][i, enc.visual_positions[i]], owner, heads):
+                    o = s.objects[k]
+                    for (word, names), lg, truth in zip(words.items(), logits, o.category.split(" ")):
+                        right = names[int(lg.mean(0).argmax())] == truth
                         for key in (f"{word}/{size_bucket(o.area)}", f"{word}/all"):
                             h = hits[layer].setdefault(key, [0, 0])
-                            h[0] += int(names[int(logits.argmax())] == truth)
+                            h[0] += int(right)
                             h[1] += 1
     model.train(was)
     return {"chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)},
